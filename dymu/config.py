@@ -1,0 +1,110 @@
+"""Typed model configuration, with the paper's defaults (App. G).
+
+A :class:`ModelConfig` fully determines the shapes of the anchor net and both hypernets, so it is
+what the artifact's manifest stores and what :func:`dymu.create_model` builds from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TaskKind = Literal["segmentation", "depth", "normals", "classification"]
+
+
+class TaskSpec(BaseModel):
+    """One task: its name, the kind of head it needs, and its loss scale ``w_i`` (App. G)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    kind: TaskKind
+    classes: int | None = Field(
+        default=None, ge=2, description="C for segmentation, K for classification"
+    )
+    loss_scale: float = Field(default=1.0, gt=0)
+    ignore_index: int | None = Field(default=255, description="label of unlabeled pixels/samples")
+
+    @model_validator(mode="after")
+    def _classes_match_kind(self) -> TaskSpec:
+        needs = self.kind in ("segmentation", "classification")
+        if needs and self.classes is None:
+            raise ValueError(f"task {self.name!r} of kind {self.kind} needs `classes`")
+        if not needs and self.classes is not None:
+            raise ValueError(f"task {self.name!r} of kind {self.kind} takes no `classes`")
+        return self
+
+    @property
+    def out_channels(self) -> int:
+        """Channels (dense) or logits (classification) the head produces."""
+        return {"depth": 1, "normals": 3}.get(self.kind, self.classes or 0)
+
+    @property
+    def dense(self) -> bool:
+        return self.kind != "classification"
+
+
+class BackboneConfig(BaseModel):
+    """A backbone chosen by name from :data:`dymu.anchor.BACKBONES`, with its options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "small_resnet"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class HypernetConfig(BaseModel):
+    """Sizes of both hypernets (App. G: embedding 32, edge MLP 2x100, weight MLP 3x100)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    embed_dim: int = Field(default=32, ge=1)
+    edge_hidden: tuple[int, ...] = (100, 100)
+    weight_hidden: tuple[int, ...] = (100, 100, 100)
+
+
+class ModelConfig(BaseModel):
+    """Everything that fixes the shapes of a controllable model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    input_size: tuple[int, int] = Field(
+        default=(96, 128), description="[H, W] the model is built for"
+    )
+    in_channels: int = Field(default=3, ge=1)
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return tasks
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 1:
+            raise ValueError(f"input_size must be positive, got {size}")
+        return size
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+
+def dense_tasks(classes: int = 6) -> tuple[TaskSpec, ...]:
+    """The three dense tasks of the scenes / NYU-v2 setting, with NYU-v2's loss scales."""
+    return (
+        TaskSpec(name="segmentation", kind="segmentation", classes=classes, loss_scale=1.0),
+        TaskSpec(name="depth", kind="depth", loss_scale=3.0),
+        TaskSpec(name="normals", kind="normals", loss_scale=10.0),
+    )

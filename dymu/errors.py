@@ -1,0 +1,36 @@
+"""Typed errors of dymu's public API.
+
+Every error a user can cause (a bad preference, an unknown task, an image of the wrong shape, a
+broken artifact) is one of these, raised before any tensor op runs, with a one-line message. The
+service maps them to HTTP status codes in one place and the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+
+class DymuError(Exception):
+    """Base class of every error dymu raises on purpose."""
+
+
+class ConfigError(DymuError, ValueError):
+    """A model or backbone configuration that cannot be built."""
+
+
+class PreferenceError(DymuError, ValueError):
+    """A preference (r, c) outside its domain: r not on/towards the simplex, c not in [0, 1]."""
+
+
+class TaskError(DymuError, ValueError):
+    """Unknown, duplicate or empty task selection."""
+
+
+class InputError(DymuError, ValueError):
+    """An input tensor the model cannot take (rank, channel count, dtype)."""
+
+
+class ArchitectureError(DymuError, ValueError):
+    """A tree (parents per layer) that does not fit the anchor net."""
+
+
+class ArtifactError(DymuError):
+    """A model artifact that is missing, incomplete, tampered with or of an unknown format."""

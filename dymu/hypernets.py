@@ -1,0 +1,119 @@
+"""The controller: the edge hypernet h and the weight hypernet h-bar (paper §3.3, App. G).
+
+Both take a preference ``(r, c)`` through a learned :class:`PreferenceEmbedding`
+``p = sum_i r_i e_i + c e_c`` (App. G) and an MLP. They accept one preference (``r`` of shape
+(N,), ``c`` a scalar) or a batch (``r`` (B, N), ``c`` (B,)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .anchor import BNDeltas
+
+
+class PreferenceEmbedding(nn.Module):
+    """``p = sum_i r_i e_i + c e_c`` with learned ``e_i, e_c`` in R^D (App. G)."""
+
+    def __init__(self, n_tasks: int, dim: int = 32) -> None:
+        super().__init__()
+        self.task_embeddings = nn.Parameter(torch.randn(n_tasks, dim) / dim**0.5)
+        self.cost_embedding = nn.Parameter(torch.randn(dim) / dim**0.5)
+
+    def forward(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        c = torch.as_tensor(c, dtype=r.dtype, device=r.device)
+        return r @ self.task_embeddings + c.unsqueeze(-1) * self.cost_embedding
+
+
+def mlp(dim_in: int, hidden: Sequence[int]) -> nn.Sequential:
+    """Linear + ReLU layers of the given widths."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(dim_in, width), nn.ReLU()]
+        dim_in = width
+    return nn.Sequential(*layers)
+
+
+class EdgeHypernet(nn.Module):
+    """h(r, c; phi): logits of each child node's parent choice, one N x N head per boundary.
+
+    Output shape (L-1, N, N) (or (B, L-1, N, N)); row ``j`` of boundary ``b`` holds child
+    ``(b+1, j)``'s logits over the parents ``(b, k)`` — the alpha of Eq. (1).
+    """
+
+    def __init__(
+        self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: Sequence[int] = (100, 100)
+    ) -> None:
+        super().__init__()
+        self.n_tasks, self.n_layers = n_tasks, n_layers
+        self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
+        self.mlp = mlp(embed_dim, hidden)
+        width = hidden[-1] if hidden else embed_dim
+        self.heads = nn.ModuleList(nn.Linear(width, n_tasks * n_tasks) for _ in range(n_layers - 1))
+
+    def forward(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(self.embedding(r, c))
+        n = self.n_tasks
+        if not self.heads:
+            return z.new_zeros(*z.shape[:-1], 0, n, n)
+        return torch.stack([h(z).unflatten(-1, (n, n)) for h in self.heads], dim=-3)
+
+
+class WeightHypernet(nn.Module):
+    """h-bar(r, c; phi-bar): (dgamma, dbeta) for every BatchNorm channel of every node (§3.3.2).
+
+    One zero-initialized linear head per node, so the deltas start at exactly zero and the
+    untrained controller reproduces the anchor's weights.
+    """
+
+    def __init__(
+        self,
+        n_tasks: int,
+        bn_layout: Sequence[tuple[tuple[int, int], Sequence[tuple[str, int]]]],
+        embed_dim: int = 32,
+        hidden: Sequence[int] = (100, 100, 100),
+    ) -> None:
+        super().__init__()
+        self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
+        self.mlp = mlp(embed_dim, hidden)
+        width = hidden[-1] if hidden else embed_dim
+        self.layout = {node: list(bns) for node, bns in bn_layout if bns}
+        self.heads = nn.ModuleDict()
+        for (l, j), bns in self.layout.items():
+            head = nn.Linear(width, 2 * sum(ch for _, ch in bns))
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.heads[_key(l, j)] = head
+
+    @property
+    def num_bn_channels(self) -> int:
+        return sum(ch for bns in self.layout.values() for _, ch in bns)
+
+    def forward(
+        self, r: torch.Tensor, c: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None
+    ) -> BNDeltas:
+        """Deltas for ``nodes`` (all by default) for one preference (``r`` of shape (N,))."""
+        if r.ndim != 1:
+            raise ValueError("the weight hypernet takes one preference at a time (r of shape (N,))")
+        z = self.mlp(self.embedding(r, c))
+        deltas: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for node in self.layout if nodes is None else nodes:
+            if node not in self.layout:
+                continue
+            bns = self.layout[node]
+            dgamma, dbeta = self.heads[_key(*node)](z).chunk(2)
+            sizes = [ch for _, ch in bns]
+            deltas[node] = {
+                name: (g, b)
+                for (name, _), g, b in zip(
+                    bns, dgamma.split(sizes), dbeta.split(sizes), strict=True
+                )
+            }
+        return deltas
+
+
+def _key(layer: int, stream: int) -> str:
+    return f"l{layer}_s{stream}"

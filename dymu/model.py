@@ -1,0 +1,178 @@
+"""ControllableModel: the anchor net and its controller, the object ``dymu.load`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anchor import AnchorNet, BNDeltas
+from .architecture import Architecture
+from .config import ModelConfig
+from .cost import Cost, CostModel
+from .errors import ArchitectureError
+from .hypernets import EdgeHypernet, WeightHypernet
+from .materialize import MaterializedModel
+from .preference import Preference, normalize_preference, resolve_tasks
+
+
+class ControllableModel(nn.Module):
+    """Anchor net F + edge hypernet h + weight hypernet h-bar (paper Fig. 2).
+
+    Inference: ``model.materialize(r, c)`` gives the tree for a preference, with adapted BN,
+    folded, ready to run. Training code uses :meth:`forward` (the soft forward) and the
+    hypernets directly.
+    """
+
+    def __init__(self, config: ModelConfig, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.anchor = AnchorNet(config)
+        n, layers, hyper = config.n_tasks, self.anchor.num_layers, config.hypernet
+        self.edge_hypernet = EdgeHypernet(n, layers, hyper.embed_dim, hyper.edge_hidden)
+        self.weight_hypernet = WeightHypernet(
+            n, self.anchor.bn_layout(), hyper.embed_dim, hyper.weight_hidden
+        )
+        self.cost_model = CostModel(config)
+        self._manifest = dict(manifest) if manifest else None
+
+    # -- description --------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Task names, in stream order."""
+        return self.config.task_names
+
+    @property
+    def n_tasks(self) -> int:
+        return self.config.n_tasks
+
+    @property
+    def n_layers(self) -> int:
+        return self.anchor.num_layers
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.config.input_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.anchor.parameters()).device
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The artifact's manifest (for a model not loaded from the store: its description)."""
+        if self._manifest is not None:
+            return dict(self._manifest)
+        return describe(self.config)
+
+    @property
+    def control_params(self) -> int:
+        """Size of the controller (both hypernets): the paper's "Control Params"."""
+        return sum(
+            p.numel() for m in (self.edge_hypernet, self.weight_hypernet) for p in m.parameters()
+        )
+
+    # -- the controller -----------------------------------------------------------------------
+    def preference(self, r: Any, c: Any) -> Preference:
+        """Validate and normalize ``(r, c)`` (see :func:`dymu.preference.normalize_preference`)."""
+        if isinstance(r, Preference):
+            return r
+        return normalize_preference(r, c, self.tasks)
+
+    def _tensors(self, pref: Preference) -> tuple[torch.Tensor, torch.Tensor]:
+        return pref.tensors(device=self.device)
+
+    @torch.no_grad()
+    def edge_logits(self, r: Any, c: Any = None) -> torch.Tensor:
+        """Edge-hypernet logits (L-1, N, N) for one preference."""
+        return self.edge_hypernet(*self._tensors(self.preference(r, c)))
+
+    def architecture(self, r: Any, c: Any = None) -> Architecture:
+        """The maximum-likelihood tree for ``(r, c)``: arg-max parent of every child node."""
+        return Architecture.from_logits(self.edge_logits(r, c).cpu())
+
+    @torch.no_grad()
+    def bn_deltas(
+        self, r: Any, c: Any = None, nodes: Iterable[tuple[int, int]] | None = None
+    ) -> BNDeltas:
+        """Weight-hypernet BN deltas for ``(r, c)``, for ``nodes`` (all nodes by default)."""
+        pref = self.preference(r, c)
+        return self.weight_hypernet(*self._tensors(pref), None if nodes is None else list(nodes))
+
+    def materialize(
+        self,
+        r: Any,
+        c: Any = None,
+        tasks: Iterable[str] | str | None = None,
+        *,
+        adapt: bool = True,
+        fold_bn: bool = True,
+        architecture: Architecture | None = None,
+    ) -> MaterializedModel:
+        """The tree for ``(r, c)`` restricted to ``tasks``, BN adapted and folded, in eval mode.
+
+        ``adapt=False`` skips the weight hypernet (the paper's "w/o adaptation");
+        ``architecture`` overrides the edge hypernet's choice (e.g. a hand-made tree).
+        """
+        pref = self.preference(r, c)
+        task_idx = resolve_tasks(tasks, self.tasks)
+        arch = self.architecture(pref) if architecture is None else architecture
+        if (arch.n_tasks, arch.n_layers) != (self.n_tasks, self.n_layers):
+            raise ArchitectureError(
+                f"architecture is N={arch.n_tasks}, L={arch.n_layers}; the "
+                f"model is N={self.n_tasks}, L={self.n_layers}"
+            )
+        deltas = None
+        if adapt:
+            used = arch.used_nodes(task_idx)
+            deltas = self.bn_deltas(pref, nodes=[(l, j) for l, s in enumerate(used) for j in s])
+        return MaterializedModel(
+            self.anchor, arch, task_idx, self.cost_model, deltas, fold_bn=fold_bn, preference=pref
+        )
+
+    # -- cost -----------------------------------------------------------------------------------
+    def cost(
+        self,
+        architecture: Architecture,
+        input_hw: tuple[int, int] | None = None,
+        tasks: Iterable[str] | str | None = None,
+    ) -> Cost:
+        """Analytic FLOPs / params of a tree for a task subset (see :mod:`dymu.cost`)."""
+        return self.cost_model.architecture_cost(
+            architecture, input_hw, resolve_tasks(tasks, self.tasks)
+        )
+
+    def anchor_cost(self, input_hw: tuple[int, int] | None = None) -> Cost:
+        """Cost of the full anchor net: all N single-task streams."""
+        return self.cost_model.anchor_cost(input_hw)
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        nu: Sequence[torch.Tensor],
+        bn_deltas: BNDeltas | None = None,
+        tasks: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Soft forward of the anchor net (see :meth:`dymu.anchor.AnchorNet.forward_soft`)."""
+        return self.anchor.forward_soft(x, nu, bn_deltas, tasks)
+
+
+def create_model(config: ModelConfig | dict[str, Any]) -> ControllableModel:
+    """A randomly initialized controllable model (weight-hypernet deltas start at zero)."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.model_validate(config)
+    return ControllableModel(config)
+
+
+def describe(config: ModelConfig) -> dict[str, Any]:
+    """The configuration part of a manifest: every field of the config plus derived N and L."""
+    from .anchor import build_backbone
+
+    return {
+        **config.model_dump(mode="json"),
+        "n_tasks": config.n_tasks,
+        "n_layers": build_backbone(config.backbone, config.in_channels).num_layers,
+    }

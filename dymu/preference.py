@@ -1,0 +1,122 @@
+"""Validation and normalization of a user preference (r, c) and of a task subset.
+
+This is the one place that decides what a valid preference is; the training code, the service
+and the CLI all call :func:`normalize_preference` and :func:`resolve_tasks`.
+
+* ``r`` is task importance. Any non-negative vector with a positive, finite sum is accepted and
+  normalized onto the simplex; a mapping ``{task: weight}`` counts missing tasks as 0.
+* ``c`` is frugality in [0, 1] (0 = spend what helps the tasks, 1 = share as much as possible).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import PreferenceError, TaskError
+
+#: Decimal places kept by :meth:`Preference.key`; preferences closer than this share a cache key.
+KEY_DECIMALS = 6
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A validated preference: ``r`` on the simplex (sums to 1), ``c`` in [0, 1]."""
+
+    r: tuple[float, ...]
+    c: float
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.r)
+
+    def key(self) -> tuple[tuple[float, ...], float]:
+        """Canonical rounded form, usable as a cache key."""
+        return tuple(round(v, KEY_DECIMALS) for v in self.r), round(self.c, KEY_DECIMALS)
+
+    def tensors(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, c)`` as tensors of shape (N,) and () for the hypernets."""
+        return (
+            torch.tensor(self.r, device=device, dtype=dtype),
+            torch.tensor(self.c, device=device, dtype=dtype),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": list(self.r), "c": self.c}
+
+
+def _as_floats(r: Any, tasks: Sequence[str]) -> list[float]:
+    if isinstance(r, Mapping):
+        unknown = [k for k in r if k not in tasks]
+        if unknown:
+            raise PreferenceError(
+                f"r names unknown task(s) {unknown}; the model's tasks are {list(tasks)}"
+            )
+        return [_as_float(r.get(t, 0.0), f"r[{t!r}]") for t in tasks]
+    if isinstance(r, torch.Tensor):
+        r = r.detach().cpu().reshape(-1).tolist() if r.ndim <= 1 else r
+        if isinstance(r, torch.Tensor):
+            raise PreferenceError(f"r must be a vector, got a tensor of shape {tuple(r.shape)}")
+    if isinstance(r, (str, bytes)) or not isinstance(r, Iterable):
+        raise PreferenceError(f"r must be a list of {len(tasks)} numbers or a {{task: weight}} map")
+    values = list(r)
+    if len(values) != len(tasks):
+        raise PreferenceError(
+            f"r has {len(values)} entries but the model has {len(tasks)} tasks {list(tasks)}"
+        )
+    return [_as_float(v, f"r[{i}]") for i, v in enumerate(values)]
+
+
+def _as_float(v: Any, what: str) -> float:
+    if isinstance(v, bool) or (not isinstance(v, (int, float)) and not hasattr(v, "__float__")):
+        raise PreferenceError(f"{what} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError) as exc:
+        raise PreferenceError(f"{what} must be a number, got {v!r}") from exc
+    if not math.isfinite(f):
+        raise PreferenceError(f"{what} must be finite, got {f}")
+    return f
+
+
+def normalize_preference(r: Any, c: Any, tasks: Sequence[str]) -> Preference:
+    """Validate ``(r, c)`` against the model's ``tasks`` and normalize ``r`` onto the simplex.
+
+    Raises :class:`PreferenceError` with the reason for: wrong length, unknown task names in the
+    mapping form, non-numbers, NaN/inf, negative entries, an all-zero ``r``, or ``c`` outside
+    [0, 1].
+    """
+    values = _as_floats(r, tasks)
+    negative = [i for i, v in enumerate(values) if v < 0]
+    if negative:
+        raise PreferenceError(f"r must be non-negative; entries {negative} are negative")
+    total = math.fsum(values)
+    if total <= 0:
+        raise PreferenceError("r must have a positive sum (all task weights are zero)")
+    cf = _as_float(c, "c")
+    if not 0.0 <= cf <= 1.0:
+        raise PreferenceError(f"c must be in [0, 1], got {cf}")
+    return Preference(r=tuple(v / total for v in values), c=cf)
+
+
+def resolve_tasks(tasks: Iterable[str] | str | None, model_tasks: Sequence[str]) -> tuple[int, ...]:
+    """Stream indices (ascending) of a requested task subset; ``None`` means every task."""
+    if tasks is None:
+        return tuple(range(len(model_tasks)))
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    names = list(tasks)
+    if not names:
+        raise TaskError("the task subset is empty; name at least one task or pass None for all")
+    unknown = [t for t in names if t not in model_tasks]
+    if unknown:
+        raise TaskError(f"unknown task(s) {unknown}; the model's tasks are {list(model_tasks)}")
+    if len(set(names)) != len(names):
+        raise TaskError(f"duplicate task(s) in {names}")
+    return tuple(sorted(model_tasks.index(t) for t in names))
