@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .architecture import Architecture
 from .config import BackboneConfig, ModelConfig, TaskSpec
 from .errors import ConfigError, InputError
 
@@ -247,6 +248,34 @@ class AnchorNet(nn.Module):
                     feats.append(y)
             out[self.task_names[j]] = self.head(j)(feats, (x.shape[-2], x.shape[-1]))
         return out
+
+    def forward_tree(
+        self,
+        x: torch.Tensor,
+        architecture: Architecture,
+        bn_deltas: BNDeltas | None = None,
+        tasks: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Differentiable hard forward of one tree: only the used nodes run, each once.
+
+        The training-time twin of :class:`dymu.materialize.MaterializedModel` (BN not folded,
+        deltas applied functionally, gradients reach the weight hypernet): stage 2 trains with
+        it, on the architecture that inference will use.
+        """
+        check_image(x, self.in_channels)
+        used = architecture.used_nodes(tasks)
+        outs: dict[tuple[int, int], torch.Tensor] = {}
+        for l, streams in enumerate(used):
+            for j in streams:
+                inp = x if l == 0 else outs[(l - 1, architecture.parent(l, j))]
+                outs[(l, j)] = self.run_node(l, j, inp, bn_deltas)
+        out_hw = (x.shape[-2], x.shape[-1])
+        return {
+            self.task_names[j]: self.head(j)(
+                [outs[(t, architecture.ancestor(t, j))] for t in self.taps], out_hw
+            )
+            for j in used[-1]
+        }
 
     def forward_soft(
         self,

@@ -96,8 +96,16 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
 
-#: Subcommand registrars; training, evaluation, serving and benchmarks add theirs here.
+#: The core's own subcommands. Other packages (training, service, benchmarks) add theirs through
+#: the ``dymu.commands`` entry-point group, so the core never imports them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+ENTRY_POINT_GROUP = "dymu.commands"
+
+
+def _plugin_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dymu {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in SUBCOMMANDS:
+    for add in [*SUBCOMMANDS, *_plugin_commands()]:
         add(sub)
     return parser
 

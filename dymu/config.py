@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskKind = Literal["segmentation", "depth", "normals", "classification"]
+#: segmentation: C-class logits per pixel; depth: 1 channel; normals: 3 channels, unit-normalized;
+#: binary: 1 logit per pixel (saliency, edges); classification: K logits per image.
+TaskKind = Literal["segmentation", "depth", "normals", "binary", "classification"]
 
 
 class TaskSpec(BaseModel):
@@ -38,7 +40,7 @@ class TaskSpec(BaseModel):
     @property
     def out_channels(self) -> int:
         """Channels (dense) or logits (classification) the head produces."""
-        return {"depth": 1, "normals": 3}.get(self.kind, self.classes or 0)
+        return {"depth": 1, "normals": 3, "binary": 1}.get(self.kind, self.classes or 0)
 
     @property
     def dense(self) -> bool:

@@ -161,3 +161,26 @@ def test_batched_nu_matches_per_sample_runs(tiny_model):
     for k in both:
         assert torch.allclose(both[k][:1], first[k], atol=1e-5)
         assert torch.allclose(both[k][1:], second[k], atol=1e-5)
+
+
+def test_forward_tree_matches_materialized_and_is_differentiable(tiny_model):
+    x = torch.randn(2, 3, 24, 32)
+    arch = Architecture.random(3, tiny_model.n_layers, seed=12)
+    r, c = [0.5, 0.1, 0.4], 0.3
+    net = tiny_model.materialize(r, c, architecture=arch, tasks=["depth", "normals"])
+    rt, ct = torch.tensor([0.5, 0.1, 0.4]), torch.tensor(0.3)
+    deltas = tiny_model.weight_hypernet(rt, ct)
+    out = tiny_model.anchor.forward_tree(x, arch, deltas, tasks=[1, 2])
+    with torch.no_grad():
+        ref = net(x)
+    assert max_diff({k: v.detach() for k, v in out.items()}, ref) < 1e-4
+    sum(v.sum() for v in out.values()).backward()
+    used = arch.used_nodes([1, 2])
+    for (l, j), head in zip(
+        tiny_model.weight_hypernet.layout, tiny_model.weight_hypernet.heads.values()
+    ):
+        grad = head.weight.grad
+        if j in used[l]:
+            assert grad is not None and grad.abs().sum() > 0, (l, j)
+        else:
+            assert grad is None or grad.abs().sum() == 0, (l, j)

@@ -1,0 +1,179 @@
+"""The training pipeline end to end on scenes-tiny: all stages, the artifact, resume, the CLI."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from dymu.errors import ConfigError
+from training.config import available_configs, load_config
+from training.pipeline import run_training
+
+
+def weights(vdir: Path) -> dict[str, torch.Tensor]:
+    model = dymu.load(vdir, device="cpu")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    vdir = run_training(
+        load_config("scenes-tiny"),
+        root / "store" / "tiny",
+        run_dir=root / "run",
+        device="cpu",
+        progress=False,
+        command="pytest",
+    )
+    return vdir, root
+
+
+def test_all_stages_write_a_loadable_artifact(tiny_run):
+    vdir, _ = tiny_run
+    model = dymu.load(vdir, device="cpu")
+    m = model.manifest
+    assert model.tasks == ("segmentation", "depth", "normals")
+    assert m["input_size"] == [24, 32]
+    assert m["training"]["command"] == "pytest" and m["training"]["seed"] == 0
+    assert set(m["training"]["stages"]) == {"anchor", "affinity", "edge", "weight"}
+    affinity = torch.tensor(m["task_affinity"])
+    assert affinity.shape == (3, 3) and torch.allclose(affinity.diagonal(), torch.ones(3))
+    assert ((affinity >= 0) & (affinity <= 1)).all()
+    checks = m["metrics"]["checks"]
+    assert set(checks["flops_by_c"]) == {"0.0", "0.5", "1.0"}
+    assert set(checks["one_hot_vs_single_task"]) == set(model.tasks)
+    assert "train_log.csv" in m["files"]
+    with open(vdir / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["stage"] for r in rows} == {"anchor", "edge", "weight"}
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # no NaN
+    # the weight hypernet trained: its deltas are no longer zero
+    deltas = model.bn_deltas([0.2, 0.3, 0.5], 0.5)
+    assert any(float(dg.abs().sum()) > 0 for node in deltas.values() for dg, _ in node.values())
+    net = model.materialize([1, 1, 1], 0.5)
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 24, 32))
+    assert out["segmentation"].shape == (1, 6, 24, 32)
+
+
+def test_training_is_repeatable_and_resume_gives_the_same_weights(tiny_run, tmp_path):
+    vdir, _ = tiny_run
+    config = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
+    # interrupted twice (inside the anchor stage and inside the edge stage), then resumed
+    run_dir = tmp_path / "run"
+    assert (
+        run_training(
+            config, tmp_path / "s" / "m", run_dir=run_dir, device="cpu", progress=False, max_steps=7
+        )
+        is None
+    )
+    assert (
+        run_training(
+            config,
+            tmp_path / "s" / "m",
+            run_dir=run_dir,
+            device="cpu",
+            progress=False,
+            max_steps=10,
+            resume=True,
+        )
+        is None
+    )
+    resumed = run_training(
+        config, tmp_path / "s" / "m", run_dir=run_dir, device="cpu", progress=False, resume=True
+    )
+    straight = run_training(
+        config, tmp_path / "s2" / "m", run_dir=tmp_path / "run2", device="cpu", progress=False
+    )
+    a, b, c = weights(resumed), weights(straight), weights(vdir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k  # same as the first run: repeatable on the CPU
+
+
+def test_a_run_dir_with_a_checkpoint_needs_resume(tmp_path):
+    config = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
+    run_training(
+        config,
+        tmp_path / "s" / "m",
+        run_dir=tmp_path / "r",
+        device="cpu",
+        progress=False,
+        max_steps=3,
+    )
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(
+            config, tmp_path / "s" / "m", run_dir=tmp_path / "r", device="cpu", progress=False
+        )
+    with pytest.raises(ConfigError, match="another config"):
+        run_training(
+            config.scaled(2.0),
+            tmp_path / "s" / "m",
+            run_dir=tmp_path / "r",
+            device="cpu",
+            progress=False,
+            resume=True,
+        )
+
+
+def test_every_config_validates():
+    names = available_configs()
+    assert {
+        "scenes-small",
+        "scenes-tiny",
+        "multidigits",
+        "nyuv2",
+        "pascal3",
+        "pascal5",
+        "cifar100-20",
+    } <= set(names)
+    for name in names:
+        config = load_config(name)
+        assert config.scaled(0.5).anchor.steps <= config.anchor.steps
+    with pytest.raises(ConfigError, match="no config"):
+        load_config("imagenet")
+
+
+def test_bad_config_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[edge]\nlambda_active = -1\n")
+    with pytest.raises(ConfigError, match=r"edge\.lambda_active"):
+        load_config(bad)
+    bad.write_text("[edge\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_dymu_train_cli(tmp_path):
+    exe = Path(sys.executable).parent / "dymu"
+    proc = subprocess.run(
+        [
+            str(exe),
+            "train",
+            "scenes-tiny",
+            "--out",
+            str(tmp_path / "store" / "t"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--steps-scale",
+            "0.5",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    m = dymu.load(tmp_path / "store" / "t", device="cpu").manifest
+    assert m["training"]["command"].startswith("dymu train scenes-tiny")
+    assert m["training"]["config"]["anchor"]["steps"] == 6
+    bad = subprocess.run([str(exe), "train", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("dymu: error: no config")

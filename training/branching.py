@@ -1,0 +1,183 @@
+"""The edge hypernet's training signal: preference sampling, P_use, the branching regularizer,
+and the RSA task affinity (paper §3.3.1, App. D, E; DESIGN.md §2).
+
+Shapes: ``probs`` is a list of L-1 tensors (N, N) — ``probs[b][k, i]`` is the probability that
+child node ``(b+1, k)`` picks parent ``(b, i)`` (softmax of the edge hypernet's logits; layers
+0-based as everywhere in dymu). The paper's 1-based child layer index is ``l = b + 2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RegularizerSwitches:
+    """Ingredients of the branching regularizer, each switchable for the ablation (Table 6)."""
+
+    inactive_loss: bool = True
+    layer_weighting: bool = True
+    affinity: bool = True
+    dichotomy: bool = True
+
+
+def sample_preference(
+    n_tasks: int, eta: float = 0.2, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r ~ Dir(eta * 1_N), c ~ U(0, 1) (DESIGN.md §2, Stage 1)."""
+    gamma = torch._standard_gamma(torch.full((n_tasks,), float(eta)), generator=generator)
+    r = gamma / gamma.sum() if gamma.sum() > 0 else torch.full((n_tasks,), 1.0 / n_tasks)
+    c = torch.rand((), generator=generator)
+    return r, c
+
+
+def gumbel_temperature(
+    step: int, start: float = 5.0, decay: float = 0.97, every: int = 300
+) -> float:
+    """zeta starts at 5 and is multiplied by 0.97 every 300 steps (App. G)."""
+    return start * decay ** (step // every)
+
+
+def task_dichotomy(
+    r: torch.Tensor, tau: float, enabled: bool = True
+) -> tuple[list[int], list[int]]:
+    """Active tasks A = {i : r_i >= tau}, inactive I = the rest (§3.3.1).
+
+    If A would be empty, the arg-max task is active. With the dichotomy switched off (the
+    ablation "all tasks active"), every task is active and I is empty.
+    """
+    n = r.shape[-1]
+    if not enabled:
+        return list(range(n)), []
+    active = [i for i in range(n) if float(r[i]) >= tau]
+    if not active:
+        active = [int(r.argmax())]
+    return active, [i for i in range(n) if i not in active]
+
+
+def usage_probability(
+    probs: Sequence[torch.Tensor], tasks: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """P_use(l, i): probability that node (l, i) is in the sampled tree (App. E, Eq. 9).
+
+    Top down: P_use(L-1, i) = 1 for requested tasks (all by default), else 0;
+    P_use(l-1, i) = 1 - prod_k (1 - P_use(l, k) * nu_k^l(i)). Returns L tensors of shape (N,).
+    """
+    n = probs[0].shape[-1] if probs else 0
+    top = torch.zeros(n) if probs else torch.zeros(0)
+    if probs:
+        top = top.to(probs[0])
+        top[list(range(n)) if tasks is None else list(tasks)] = 1.0
+    use = [top]
+    for nu in reversed(probs):
+        use.append(1.0 - torch.prod(1.0 - use[-1].unsqueeze(1) * nu, dim=0))
+    return list(reversed(use))
+
+
+def _pair_distance(nu: torch.Tensor) -> torch.Tensor:
+    """||nu_i - nu_j||^2 for all children pairs: (N, N)."""
+    diff = nu.unsqueeze(1) - nu.unsqueeze(0)
+    return diff.pow(2).sum(-1)
+
+
+def layer_weight(b: int, n_layers: int, enabled: bool = True) -> float:
+    """(L - l) / L for the boundary into child layer l = b + 2 (1-based), favouring low sharing."""
+    return (n_layers - (b + 2)) / n_layers if enabled else 1.0
+
+
+def active_loss(
+    probs: Sequence[torch.Tensor],
+    use: Sequence[torch.Tensor],
+    active: Sequence[int],
+    affinity: torch.Tensor | None,
+    switches: RegularizerSwitches = RegularizerSwitches(),
+) -> torch.Tensor:
+    """L_active = sum_l sum_{i!=j in A} (L-l)/L A(i,j) P_use(l,i) P_use(l,j) ||nu_i^l - nu_j^l||^2.
+
+    Pulls the parent distributions of similar active tasks together (sharing) where both
+    children are likely to exist. The usage factor uses the *children's* P_use (DESIGN.md §2).
+    """
+    n_layers = len(probs) + 1
+    idx = torch.tensor(sorted(active), dtype=torch.long)
+    total = probs[0].new_zeros(()) if probs else torch.zeros(())
+    if len(idx) < 2:
+        return total
+    aff = affinity if (affinity is not None and switches.affinity) else None
+    off_diag = 1.0 - torch.eye(len(idx), dtype=total.dtype, device=total.device)
+    for b, nu in enumerate(probs):
+        p = use[b + 1][idx]
+        pair = _pair_distance(nu[idx]) * p.unsqueeze(1) * p.unsqueeze(0) * off_diag
+        if aff is not None:
+            pair = pair * aff.to(pair)[idx][:, idx]
+        total = total + layer_weight(b, n_layers, switches.layer_weighting) * pair.sum()
+    return total
+
+
+def inactive_loss(
+    probs: Sequence[torch.Tensor], active: Sequence[int], inactive: Sequence[int]
+) -> torch.Tensor:
+    """L_inactive = sum_l sum_{j in I} min_{i in A} ||nu_i^l - nu_j^l||^2 (§3.3.1).
+
+    Makes each inactive task's path copy some active task's path, so it adds no nodes.
+    """
+    total = probs[0].new_zeros(()) if probs else torch.zeros(())
+    if not inactive or not active:
+        return total
+    a = torch.tensor(sorted(active), dtype=torch.long)
+    i = torch.tensor(sorted(inactive), dtype=torch.long)
+    for nu in probs:
+        dist = _pair_distance(nu)[i][:, a]  # (|I|, |A|)
+        total = total + dist.min(dim=1).values.sum()
+    return total
+
+
+def branching_regularizer(
+    probs: Sequence[torch.Tensor],
+    r: torch.Tensor,
+    c: torch.Tensor | float,
+    affinity: torch.Tensor | None,
+    tau: float,
+    lambda_active: float = 1.0,
+    lambda_inactive: float = 0.1,
+    switches: RegularizerSwitches = RegularizerSwitches(),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Omega(r, c) = c * lambda_A * L_active + lambda_I * L_inactive (DESIGN.md §2)."""
+    active, inactive = task_dichotomy(r, tau, switches.dichotomy)
+    use = usage_probability(probs)
+    l_act = active_loss(probs, use, active, affinity, switches)
+    l_inact = inactive_loss(probs, active, inactive) if switches.inactive_loss else l_act * 0
+    omega = float(c) * lambda_active * l_act + lambda_inactive * l_inact
+    return omega, {
+        "active_loss": float(l_act.detach()),
+        "inactive_loss": float(l_inact.detach()),
+        "n_active": float(len(active)),
+    }
+
+
+@torch.no_grad()
+def task_affinity(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """RSA task affinity (App. D): ``features[l][i]`` = (K, ...) outputs of node (l, i).
+
+    S_l(i) = K x K cosine similarities of the flattened features; D_l(i, j) =
+    ||S_l(i) - S_l(j)||_F; each row of D_l min-max normalized to [0, 1]; A_l = 1 - D_l-hat;
+    A = mean over layers. A row whose distances are all equal (e.g. identical streams) has
+    D-hat = 0, i.e. affinity 1.
+    """
+    layers = []
+    for per_task in features:
+        sims = []
+        for f in per_task:
+            flat = torch.nn.functional.normalize(f.flatten(1).double(), dim=1)
+            sims.append(flat @ flat.T)
+        s = torch.stack(sims)  # (N, K, K)
+        d = torch.cdist(s.flatten(1), s.flatten(1))  # Frobenius distance between RDMs
+        # Round-off (e.g. a stream that is a rescaled copy) must not be stretched to 1 below.
+        d = torch.where(d < 1e-6, torch.zeros_like(d), d)
+        lo, hi = d.min(dim=1, keepdim=True).values, d.max(dim=1, keepdim=True).values
+        span = hi - lo
+        d_hat = torch.where(span > 1e-12, (d - lo) / span.clamp_min(1e-12), torch.zeros_like(d))
+        layers.append(1.0 - d_hat)
+    return torch.stack(layers).mean(0).float()

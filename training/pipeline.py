@@ -1,0 +1,532 @@
+"""The three-stage training pipeline (paper §3, App. F; DESIGN.md §2) with checkpoints and resume.
+
+Stages, in order: ``anchor`` (stage 0: N single-task streams), ``affinity`` (stage 0b: RSA),
+``edge`` (stage 1: edge hypernet + branching regularizer), ``weight`` (stage 2: weight hypernet).
+
+Determinism: every random draw of step ``s`` of stage ``k`` (batch indices, preference, Gumbel
+noise) comes from a generator seeded with ``(seed, k, s)``. A run is therefore repeatable on the
+CPU, and resuming from a checkpoint needs only the weights, the optimizer state and the step —
+no RNG state — to give the same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import dymu
+from dymu.architecture import Architecture
+from dymu.config import ModelConfig, TaskSpec
+from dymu.errors import ConfigError, DymuError
+
+from .branching import (
+    RegularizerSwitches,
+    branching_regularizer,
+    gumbel_temperature,
+    sample_preference,
+    task_affinity,
+)
+from .config import TrainConfig
+from .data import build_dataset
+from .tasks import weighted_task_loss
+
+STAGES = ("anchor", "affinity", "edge", "weight")
+_STAGE_ID = {name: i for i, name in enumerate(STAGES)}
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_META = "checkpoint.json"
+LOG = "train_log.csv"
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator of every random draw of one step (see the module docstring)."""
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + _STAGE_ID[stage] * 7_919 + step) % (2**63 - 1)
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class BudgetExhaustedError(Exception):
+    """The step budget of this invocation ran out; a checkpoint was written."""
+
+
+class StepBatches:
+    """Batch-index lists for steps ``start..steps-1`` of a stage (a DataLoader batch_sampler)."""
+
+    def __init__(self, seed: int, stage: str, start: int, steps: int, n: int, batch: int) -> None:
+        self.seed, self.stage, self.start, self.steps, self.n, self.batch = (
+            seed,
+            stage,
+            start,
+            steps,
+            n,
+            batch,
+        )
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            gen = step_generator(self.seed, self.stage, step)
+            yield torch.randint(self.n, (self.batch,), generator=gen).tolist()
+
+
+@dataclass
+class Run:
+    """State shared by the stages of one training run."""
+
+    config: TrainConfig
+    model: dymu.ControllableModel
+    train_set: torch.utils.data.Dataset
+    device: torch.device
+    run_dir: Path
+    progress: bool = True
+    affinity: torch.Tensor | None = None
+    completed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: int | None = None  # optimizer steps left in this invocation (None = no limit)
+
+    @property
+    def tasks(self) -> tuple[TaskSpec, ...]:
+        return self.model.config.tasks
+
+    def batches(self, stage: str, start: int, steps: int, batch: int) -> Iterator[dict]:
+        sampler = StepBatches(self.config.seed, stage, start, steps, len(self.train_set), batch)
+        cuda = self.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.config.data.workers if cuda else 0,
+            pin_memory=cuda,
+        )
+        for batch_ in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch_.items()}
+
+    def autocast(self) -> Any:
+        return torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        path = self.run_dir / LOG
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    state = opt.state_dict()
+    tensors = {
+        f"opt/{idx}/{name}": v.detach().cpu().contiguous()
+        for idx, entry in state["state"].items()
+        for name, v in entry.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: Any
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run: Run, stage: str, step: int, opt: torch.optim.Optimizer | None) -> None:
+    """Model + optimizer + position, written atomically (temp file + rename)."""
+    tensors = {
+        f"model/{k}": v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()
+    }
+    groups = None
+    if opt is not None:
+        opt_tensors, groups = _flatten_optimizer(opt)
+        tensors.update(opt_tensors)
+    meta = {
+        "stage": stage,
+        "step": step,
+        "param_groups": groups,
+        "completed": run.completed,
+        "affinity": None if run.affinity is None else run.affinity.tolist(),
+        "config": run.config.model_dump(mode="json"),
+    }
+    tmp = run.run_dir / (CHECKPOINT + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run.run_dir / CHECKPOINT)
+    tmp_meta = run.run_dir / (CHECKPOINT_META + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, run.run_dir / CHECKPOINT_META)
+
+
+def load_checkpoint(run: Run) -> tuple[str, int, dict[str, torch.Tensor], Any] | None:
+    meta_path = run.run_dir / CHECKPOINT_META
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["config"] != run.config.model_dump(mode="json"):
+        raise ConfigError(
+            f"{run.run_dir}: the checkpoint was made with another config; "
+            "resume with the same config and --steps-scale, or start afresh"
+        )
+    tensors = load_file(str(run.run_dir / CHECKPOINT))
+    run.model.load_state_dict(
+        {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    )
+    run.completed = meta["completed"]
+    if meta["affinity"] is not None:
+        run.affinity = torch.tensor(meta["affinity"])
+    return meta["stage"], meta["step"], tensors, meta["param_groups"]
+
+
+# -- the stages -----------------------------------------------------------------------------------
+def _loop(
+    run: Run,
+    stage: str,
+    steps: int,
+    batch_size: int,
+    opt: torch.optim.Optimizer,
+    start: int,
+    step_fn: Callable[[int, dict], dict[str, float]],
+    lr_at: Callable[[int], float],
+) -> None:
+    """The shared training loop: progress bar, log, checkpoints."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=f"{stage:>6}",
+        disable=not run.progress,
+        dynamic_ncols=True,
+        unit="step",
+    )
+    for step, batch in enumerate(run.batches(stage, start, steps, batch_size), start=start):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        stats = step_fn(step, batch)
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise DymuError(f"stage {stage}: non-finite loss at step {step}: {stats}")
+        bar.update(1)
+        if step % run.config.log_every == 0 or step == steps - 1:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "zeta")})
+            run.log(
+                {
+                    "stage": stage,
+                    "step": step,
+                    "lr": lr_at(step),
+                    "time": time.time(),
+                    **{k: stats.get(k, "") for k in _LOG_FIELDS},
+                }
+            )
+        if run.budget is not None:
+            run.budget -= 1
+            if run.budget <= 0 and step + 1 < steps:
+                save_checkpoint(run, stage, step + 1, opt)
+                bar.close()
+                raise BudgetExhaustedError(f"stopped in stage {stage} after step {step + 1}")
+        if (step + 1) % run.config.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(run, stage, step + 1, opt)
+    bar.close()
+
+
+_LOG_FIELDS = ("loss", "task_loss", "omega", "active_loss", "inactive_loss", "zeta")
+
+
+def _task_stats(per_task: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {f"loss/{k}": v.item() for k, v in per_task.items()}
+
+
+def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
+    cfg, anchor = run.config.anchor, run.model.anchor
+    anchor.train().requires_grad_(True)
+    opt = torch.optim.Adam(anchor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        _restore_optimizer(opt, *opt_state)
+
+    def step_fn(step: int, batch: dict) -> dict[str, float]:
+        with run.autocast():
+            out = anchor(batch["image"])
+        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return {"loss": total.item(), **_task_stats(per_task)}
+
+    _loop(run, "anchor", cfg.steps, cfg.batch_size, opt, start, step_fn, lambda s: cfg.lr)
+    anchor.eval()
+
+
+@torch.no_grad()
+def stage_affinity(run: Run) -> torch.Tensor:
+    """Stage 0b: RSA task affinity over K training images (App. D)."""
+    anchor = run.model.anchor.eval()
+    k = min(run.config.affinity.images, len(run.train_set))
+    gen = step_generator(run.config.seed, "affinity", 0)
+    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
+    feats: list[list[list[torch.Tensor]]] = [
+        [[] for _ in range(anchor.n_tasks)] for _ in range(anchor.num_layers)
+    ]
+    for chunk in range(0, k, 16):
+        x = collate([run.train_set[i] for i in idx[chunk : chunk + 16]])["image"].to(run.device)
+        for j in range(anchor.n_tasks):
+            y = x
+            for l in range(anchor.num_layers):
+                y = anchor.node(l, j)(y)
+                feats[l][j].append(y.float().cpu())
+    return task_affinity([[torch.cat(f) for f in per_task] for per_task in feats])
+
+
+def _gumbel_softmax(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """nu = softmax((logits + g) / tau), g ~ Gumbel(0, 1) drawn from ``gen`` (repeatable)."""
+    u = torch.rand(logits.shape, generator=gen).to(logits.device).clamp(1e-10, 1 - 1e-10)
+    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval().requires_grad_(False)
+
+
+def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (DESIGN.md §2)."""
+    cfg, model = run.config.edge, run.model
+    _freeze(model.anchor)
+    hyper = model.edge_hypernet.train().requires_grad_(True)
+    opt = torch.optim.Adam(hyper.parameters(), lr=cfg.lr)
+    if opt_state is not None:
+        _restore_optimizer(opt, *opt_state)
+    n = model.n_tasks
+    tau = cfg.tau if cfg.tau is not None else 0.6 / n
+    switches = RegularizerSwitches(
+        cfg.inactive_loss, cfg.layer_weighting, cfg.affinity, cfg.dichotomy
+    )
+    affinity = run.affinity if run.affinity is not None else torch.ones(n, n)
+
+    def step_fn(step: int, batch: dict) -> dict[str, float]:
+        gen = step_generator(run.config.seed, "edge-pref", step)
+        r, c = sample_preference(n, cfg.eta, gen)
+        zeta = gumbel_temperature(
+            step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
+        )
+        logits = hyper(r.to(run.device), c.to(run.device))
+        nu = _gumbel_softmax(logits, zeta, gen)
+        with run.autocast():
+            out = model.anchor.forward_soft(batch["image"], list(nu))
+        task_total, per_task = weighted_task_loss(run.tasks, out, batch, r.to(run.device))
+        probs = torch.softmax(logits.float(), dim=-1)
+        omega, reg = branching_regularizer(
+            list(probs),
+            r.to(run.device),
+            c,
+            affinity.to(run.device),
+            tau,
+            cfg.lambda_active,
+            cfg.lambda_inactive,
+            switches,
+        )
+        loss = task_total + omega
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {
+            "loss": loss.item(),
+            "task_loss": task_total.item(),
+            "omega": omega.item(),
+            "zeta": zeta,
+            **reg,
+            **_task_stats(per_task),
+        }
+
+    _loop(
+        run,
+        "edge",
+        cfg.steps,
+        cfg.batch_size,
+        opt,
+        start,
+        step_fn,
+        lambda s: cfg.lr * cfg.lr_decay ** (s // cfg.decay_every()),
+    )
+    _freeze(hyper)
+
+
+def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 2: weight hypernet on the arg-max trees inference will use; loss = sum r_i w_i L_i."""
+    cfg, model = run.config.weight, run.model
+    _freeze(model.anchor)
+    _freeze(model.edge_hypernet)
+    hyper = model.weight_hypernet.train().requires_grad_(True)
+    opt = torch.optim.Adam(hyper.parameters(), lr=cfg.lr)
+    if opt_state is not None:
+        _restore_optimizer(opt, *opt_state)
+    n = model.n_tasks
+
+    def step_fn(step: int, batch: dict) -> dict[str, float]:
+        gen = step_generator(run.config.seed, "weight-pref", step)
+        r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
+        with torch.no_grad():
+            arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
+        used = arch.used_nodes()
+        deltas = hyper(r, c, [(l, j) for l, s in enumerate(used) for j in s])
+        with run.autocast():
+            out = model.anchor.forward_tree(batch["image"], arch, deltas)
+        total, per_task = weighted_task_loss(run.tasks, out, batch, r)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return {"loss": total.item(), **_task_stats(per_task)}
+
+    _loop(
+        run,
+        "weight",
+        cfg.steps,
+        cfg.batch_size,
+        opt,
+        start,
+        step_fn,
+        lambda s: cfg.lr * cfg.lr_decay ** (s // cfg.decay_every()),
+    )
+    _freeze(hyper)
+
+
+# -- the whole run --------------------------------------------------------------------------------
+def build_model(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> dymu.ControllableModel:
+    torch.manual_seed(config.seed)
+    return dymu.create_model(
+        ModelConfig(
+            tasks=tasks,
+            backbone=config.backbone,
+            input_size=config.input_size,
+            hypernet=config.hypernet,
+        )
+    )
+
+
+def train_dataset(config: TrainConfig) -> Any:
+    options = dict(config.data.options)
+    if config.data.name == "scenes" and config.data.root is None:
+        options.setdefault("size", tuple(config.input_size))
+    return build_dataset(config.data.name, "train", config.data.root, **options)
+
+
+def validation_dataset(config: TrainConfig) -> Any:
+    """The held-out split: ``val`` of the dataset, generated with ``data.val_options``."""
+    options = dict(config.data.val_options)
+    if config.data.name == "scenes" and config.data.root is None:
+        options.setdefault("size", tuple(config.input_size))
+    return build_dataset(config.data.name, "val", config.data.root, **options)
+
+
+def run_training(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    stages: tuple[str, ...] = STAGES,
+    progress: bool = True,
+    command: str | None = None,
+    max_steps: int | None = None,
+) -> Path | None:
+    """Run ``stages`` of ``config`` and write the artifact to ``out`` (``model_store/<name>``).
+
+    ``run_dir`` (default ``runs/<name>``) holds the checkpoint and the CSV log; with ``resume``
+    the run continues from its checkpoint. ``max_steps`` bounds the optimizer steps of this
+    invocation: when it runs out, a checkpoint is written and None is returned (no artifact).
+    Returns the artifact's version directory.
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    dev = resolve_device(device)
+    run_dir = Path(run_dir or Path("runs") / config.name)
+    if not resume and (run_dir / CHECKPOINT_META).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a checkpoint: pass --resume to continue it, "
+            "or remove it / choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset = train_dataset(config)
+    model = build_model(config, tuple(dataset.tasks)).to(dev)
+    if config.anchor.pretrained and "anchor" in stages:
+        source = dymu.load(config.anchor.pretrained, device=dev)
+        model.anchor.load_state_dict(source.anchor.state_dict())
+        stages = tuple(s for s in stages if s != "anchor")
+    run = Run(config, model, dataset, dev, run_dir, progress, budget=max_steps)
+    position = load_checkpoint(run) if resume else None
+    if resume and position is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and (run_dir / LOG).exists():
+        (run_dir / LOG).unlink()
+
+    runners = {"anchor": stage_anchor, "edge": stage_edge, "weight": stage_weight}
+    for stage in stages:
+        if stage in run.completed:
+            continue
+        start, opt_state = 0, None
+        if position is not None and position[0] == stage:
+            start = position[1]
+            opt_state = (position[2], position[3]) if position[3] is not None else None
+        t0 = time.perf_counter()
+        try:
+            if stage == "affinity":
+                run.affinity = stage_affinity(run)
+            else:
+                runners[stage](run, start, opt_state)
+        except BudgetExhaustedError:
+            return None
+        run.completed[stage] = {
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "steps": getattr(getattr(config, stage), "steps", None),
+            "resumed_at": start or None,
+        }
+        following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else stage
+        save_checkpoint(run, following, 0, None)
+
+    training = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "data": {"name": config.data.name, "root": config.data.root, **config.data.options},
+        "stages": run.completed,
+        "wall_s": round(sum(v["wall_s"] for v in run.completed.values()), 2),
+        "device": str(dev),
+        "torch": torch.__version__,
+    }
+    extra = {LOG: run_dir / LOG} if (run_dir / LOG).exists() else {}
+    return dymu.save(
+        model.cpu(), out, task_affinity=run.affinity, training=training, extra_files=extra
+    )
