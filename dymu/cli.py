@@ -105,7 +105,32 @@ ENTRY_POINT_GROUP = "dymu.commands"
 def _plugin_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from importlib.metadata import entry_points
 
-    return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)]
+    adders = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            adders.append(ep.load())
+        except ImportError as exc:  # an optional extra is not installed
+            adders.append(_unavailable(ep.name, ep.value, exc))
+    return adders
+
+
+def _unavailable(
+    name: str, target: str, exc: ImportError
+) -> Callable[[argparse._SubParsersAction], None]:
+    """A subcommand that explains why it cannot run instead of breaking the whole CLI."""
+    extra = "training" if target.startswith("training") else "serving"
+
+    def fail(args: argparse.Namespace) -> int:
+        raise DymuError(
+            f"`dymu {name}` needs the {extra} extra (pip install 'dymu[{extra}]'): {exc}"
+        )
+
+    def add(sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser(name, help=f"(unavailable: install dymu[{extra}])")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=fail)
+
+    return add
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,11 +40,12 @@ from .branching import (
     task_affinity,
 )
 from .config import TrainConfig
-from .data import build_dataset
+from .data import DATASETS, build_dataset
 from .tasks import weighted_task_loss
 
 STAGES = ("anchor", "affinity", "edge", "weight")
-_STAGE_ID = {name: i for i, name in enumerate(STAGES)}
+# Independent random streams: batch indices per stage, and preferences + Gumbel noise.
+_STREAM_ID = {name: i for i, name in enumerate((*STAGES, "edge-pref", "weight-pref"))}
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 LOG = "train_log.csv"
@@ -53,7 +54,7 @@ LOG = "train_log.csv"
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     """The generator of every random draw of one step (see the module docstring)."""
     return torch.Generator().manual_seed(
-        (seed * 1_000_003 + _STAGE_ID[stage] * 7_919 + step) % (2**63 - 1)
+        (seed * 1_000_003 + _STREAM_ID[stage] * 7_919 + step) % (2**63 - 1)
     )
 
 
@@ -434,19 +435,16 @@ def build_model(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> dymu.Contro
     )
 
 
-def train_dataset(config: TrainConfig) -> Any:
-    options = dict(config.data.options)
-    if config.data.name == "scenes" and config.data.root is None:
+def split_dataset(config: TrainConfig, held_out: bool = False) -> Any:
+    """The training split (``data.options``) or the held-out one (``data.val_options``)."""
+    entry = DATASETS.get(config.data.name)
+    if entry is None:
+        raise ConfigError(f"unknown dataset {config.data.name!r}; known: {sorted(DATASETS)}")
+    options = dict(config.data.val_options if held_out else config.data.options)
+    if not entry.needs_root and config.data.root is None and "size" in entry.options:
         options.setdefault("size", tuple(config.input_size))
-    return build_dataset(config.data.name, "train", config.data.root, **options)
-
-
-def validation_dataset(config: TrainConfig) -> Any:
-    """The held-out split: ``val`` of the dataset, generated with ``data.val_options``."""
-    options = dict(config.data.val_options)
-    if config.data.name == "scenes" and config.data.root is None:
-        options.setdefault("size", tuple(config.input_size))
-    return build_dataset(config.data.name, "val", config.data.root, **options)
+    split = entry.splits[-1] if held_out else entry.splits[0]
+    return build_dataset(config.data.name, split, config.data.root, **options)
 
 
 def run_training(
@@ -479,7 +477,7 @@ def run_training(
             "or remove it / choose another --run-dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset = train_dataset(config)
+    dataset = split_dataset(config)
     model = build_model(config, tuple(dataset.tasks)).to(dev)
     if config.anchor.pretrained and "anchor" in stages:
         source = dymu.load(config.anchor.pretrained, device=dev)
@@ -526,7 +524,22 @@ def run_training(
         "device": str(dev),
         "torch": torch.__version__,
     }
+    metrics: dict[str, Any] = {}
+    if config.check_preferences:
+        from .evaluate import method_checks
+
+        t0 = time.perf_counter()
+        model.eval()
+        metrics["checks"] = method_checks(
+            model, split_dataset(config, held_out=True), config.check_preferences, config.seed
+        )
+        metrics["checks"]["wall_s"] = round(time.perf_counter() - t0, 2)
     extra = {LOG: run_dir / LOG} if (run_dir / LOG).exists() else {}
     return dymu.save(
-        model.cpu(), out, task_affinity=run.affinity, training=training, extra_files=extra
+        model.cpu(),
+        out,
+        task_affinity=run.affinity,
+        training=training,
+        metrics=metrics,
+        extra_files=extra,
     )

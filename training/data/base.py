@@ -4,9 +4,10 @@ A sample is a ``dict[str, torch.Tensor]``:
 
 - ``"image"``: float32 ``(3, H, W)``, normalized per channel as ``(rgb - mean) / std`` where
   ``rgb`` is in [0, 1] and ``mean``/``std`` are the dataset's :attr:`MultiTaskDataset.mean` and
-  :attr:`MultiTaskDataset.std` (ImageNet statistics for natural images and for ``scenes``,
-  CIFAR-100 statistics for CIFAR, the digits' own statistics for ``multidigits``), so the
-  values are roughly zero-mean, unit-variance. :meth:`MultiTaskDataset.denormalize` inverts it.
+  :attr:`MultiTaskDataset.std`: ImageNet statistics for the natural-image datasets (NYU-v2,
+  PASCAL-Context), CIFAR-100's training statistics for CIFAR, and the measured statistics of
+  the generated images for ``scenes`` and ``multidigits``; so the values are roughly zero-mean,
+  unit-variance. :meth:`MultiTaskDataset.denormalize` inverts it.
 - one key per task name, by the task's kind (:data:`dymu.config.TaskKind`):
 
   ============== ================================ =========================================

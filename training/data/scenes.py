@@ -36,12 +36,16 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from dymu.config import TaskSpec, dense_tasks
+
+from .base import ArrayDataset, DatasetError, MultiTaskDataset, Sample
+from .npy_split import NpySplitDataset, read_meta
 
 #: Class names by label index.
 SCENE_CLASSES: tuple[str, ...] = ("floor", "wall", "sphere", "box", "cylinder", "cone")
@@ -163,7 +167,7 @@ def pixel_rays(camera: Camera, size: Sequence[int]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ intersections
 # Each returns (t, part): the ray parameter of the first hit (inf for a miss) for rays
-# O + t * D, t > eps, and which part of the surface was hit (int8; 0 unless stated).
+# orig + t * dirs, t > eps, and which part of the surface was hit (int8; 0 unless stated).
 
 
 def _plane(o_axis: np.ndarray, d_axis: np.ndarray, value: float, sign: int) -> np.ndarray:
@@ -173,11 +177,11 @@ def _plane(o_axis: np.ndarray, d_axis: np.ndarray, value: float, sign: int) -> n
     return np.where((sign * d_axis > 0) & (t > _EPS), t, _INF)
 
 
-def _sphere(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, None]:
+def _sphere(obj: SceneObject, orig: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, None]:
     r = obj.size[0]
-    oc = O - np.array([obj.x, r, obj.z])
-    a = np.einsum("ij,ij->i", D, D)
-    b = np.einsum("ij,ij->i", oc, D) if oc.ndim == 2 else D @ oc
+    oc = orig - np.array([obj.x, r, obj.z])
+    a = np.einsum("ij,ij->i", dirs, dirs)
+    b = np.einsum("ij,ij->i", oc, dirs) if oc.ndim == 2 else dirs @ oc
     c = (np.einsum("ij,ij->i", oc, oc) if oc.ndim == 2 else oc @ oc) - r * r
     disc = b * b - a * c
     sq = np.sqrt(np.maximum(disc, 0.0))
@@ -192,11 +196,11 @@ def _yaw_frame(yaw: float) -> np.ndarray:
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
-def _box(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, None]:
+def _box(obj: SceneObject, orig: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, None]:
     ax, ay, az = obj.size
-    R = _yaw_frame(obj.yaw)
-    ol = (O - np.array([obj.x, ay, obj.z])) @ R
-    dl = D @ R
+    rot = _yaw_frame(obj.yaw)
+    ol = (orig - np.array([obj.x, ay, obj.z])) @ rot
+    dl = dirs @ rot
     e = np.array([ax, ay, az])
     tnear, tfar = None, None
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -212,12 +216,14 @@ def _box(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, No
     return np.where(hit, t, _INF), None
 
 
-def _cylinder(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cylinder(
+    obj: SceneObject, orig: np.ndarray, dirs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     r, h = obj.size
-    qx = O[..., 0] - obj.x
-    qz = O[..., 2] - obj.z
-    oy = O[..., 1]
-    dx, dy, dz = D[:, 0], D[:, 1], D[:, 2]
+    qx = orig[..., 0] - obj.x
+    qz = orig[..., 2] - obj.z
+    oy = orig[..., 1]
+    dx, dy, dz = dirs[:, 0], dirs[:, 1], dirs[:, 2]
     a = dx * dx + dz * dz
     b = qx * dx + qz * dz
     c = qx * qx + qz * qz - r * r
@@ -236,13 +242,13 @@ def _cylinder(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarra
     return np.minimum(ts, tc), (tc < ts).astype(np.int8)
 
 
-def _cone(obj: SceneObject, O: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, None]:
+def _cone(obj: SceneObject, orig: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, None]:
     r, h = obj.size
     k2 = (r / h) ** 2
-    qx = O[..., 0] - obj.x
-    qy = O[..., 1] - h  # relative to the apex
-    qz = O[..., 2] - obj.z
-    dx, dy, dz = D[:, 0], D[:, 1], D[:, 2]
+    qx = orig[..., 0] - obj.x
+    qy = orig[..., 1] - h  # relative to the apex
+    qz = orig[..., 2] - obj.z
+    dx, dy, dz = dirs[:, 0], dirs[:, 1], dirs[:, 2]
     a = dx * dx + dz * dz - k2 * dy * dy
     b = qx * dx + qz * dz - k2 * qy * dy
     c = qx * qx + qz * qz - k2 * qy * qy
@@ -270,12 +276,12 @@ def _object_normals(obj: SceneObject, p: np.ndarray, part: np.ndarray) -> np.nda
         n = (p - np.array([obj.x, obj.size[0], obj.z])) / obj.size[0]
     elif obj.shape == "box":
         e = np.array(obj.size)
-        R = _yaw_frame(obj.yaw)
-        pl = (p - np.array([obj.x, obj.size[1], obj.z])) @ R
+        rot = _yaw_frame(obj.yaw)
+        pl = (p - np.array([obj.x, obj.size[1], obj.z])) @ rot
         face = np.argmax(np.abs(pl) / e, axis=-1)
         nl = np.zeros_like(pl)
         nl[np.arange(len(pl)), face] = np.sign(pl[np.arange(len(pl)), face])
-        n = nl @ R.T
+        n = nl @ rot.T
     elif obj.shape == "cylinder":
         n = np.stack([p[:, 0] - obj.x, np.zeros(len(p)), p[:, 2] - obj.z], axis=-1)
         n[part == 1] = (0.0, 1.0, 0.0)
@@ -338,24 +344,24 @@ def render_scene(
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
         raise ValueError(f"size must be positive, got {(h, w)}")
-    M, o = camera_pose(scene.camera)
+    cam_axes, o = camera_pose(scene.camera)
     rays_c = pixel_rays(scene.camera, (h, w)).reshape(-1, 3)
-    D = rays_c @ M.T
-    P = len(D)
+    dirs = rays_c @ cam_axes.T
+    n_pix = len(dirs)
     room = scene.room
 
     # Primary visibility: a z-buffer over the surfaces.
-    t_best = _plane(np.full(P, o[1]), D[:, 1], 0.0, -1)
-    sid = np.zeros(P, np.int16)
-    part = np.zeros(P, np.int8)
+    t_best = _plane(np.full(n_pix, o[1]), dirs[:, 1], 0.0, -1)
+    sid = np.zeros(n_pix, np.int16)
+    part = np.zeros(n_pix, np.int8)
     planes = ((2, room.back, +1), (0, room.left, -1), (0, room.right, +1))
     for k, (axis, value, sign) in enumerate(planes, start=1):
-        t = _plane(np.full(P, o[axis]), D[:, axis], value, sign)
+        t = _plane(np.full(n_pix, o[axis]), dirs[:, axis], value, sign)
         closer = t < t_best
         t_best = np.where(closer, t, t_best)
         sid[closer] = k
     for k, obj in enumerate(scene.objects, start=4):
-        t, pt = _INTERSECT[obj.shape](obj, o, D)
+        t, pt = _INTERSECT[obj.shape](obj, o, dirs)
         closer = t < t_best
         t_best = np.where(closer, t, t_best)
         sid[closer] = k
@@ -364,7 +370,7 @@ def render_scene(
     if not np.isfinite(t_best).all():  # pragma: no cover - the room is closed
         raise RuntimeError("a ray escaped the room; check the camera and room")
 
-    p = o + t_best[:, None] * D
+    p = o + t_best[:, None] * dirs
     # Per-surface tables (label, colours, plane normals), gathered once by surface id.
     looks = [scene.floor_look, scene.wall_look, scene.wall_look, scene.wall_look]
     looks += [obj.look for obj in scene.objects]
@@ -375,7 +381,7 @@ def render_scene(
     normals_t[:4] = ((0, 1, 0), (0, 0, -1), (1, 0, 0), (-1, 0, 0))
     label = labels[sid]
     normal_w = normals_t[sid]
-    mix = np.empty(P)
+    mix = np.empty(n_pix)
     order = np.argsort(sid, kind="stable")
     bounds = np.searchsorted(sid[order], np.arange(len(looks) + 1))
     for s in range(len(looks)):
@@ -388,7 +394,7 @@ def render_scene(
             normal_w[idx] = _object_normals(obj, ps, part[idx])
         mix[idx] = _pattern(int(labels[s]), looks[s], ps, obj)
     # Face the camera (the closed room and convex objects already do; this guards grazing rays).
-    facing = np.einsum("ij,ij->i", normal_w, D)
+    facing = np.einsum("ij,ij->i", normal_w, dirs)
     normal_w[facing > 0] *= -1
 
     # Shading: Lambertian + ambient, with shadows cast by the objects.
@@ -398,22 +404,22 @@ def render_scene(
     lit = np.flatnonzero(lam > 0)
     if len(lit) and scene.objects:
         origin = p[lit] + 1e-4 * normal_w[lit]
-        Ld = np.broadcast_to(light, origin.shape)
+        light_dirs = np.broadcast_to(light, origin.shape)
         shadow = np.zeros(len(lit), bool)
         for k, obj in enumerate(scene.objects, start=4):
-            t, _ = _INTERSECT[obj.shape](obj, origin, Ld)
+            t, _ = _INTERSECT[obj.shape](obj, origin, light_dirs)
             shadow |= np.isfinite(t) & (sid[lit] != k)
         lam[lit[shadow]] = 0.0
     color_a = colors_a[sid]
     albedo = color_a + mix[:, None] * (colors_b[sid] - color_a)
     if rng is not None:
-        albedo = albedo * (1.0 + 0.06 * rng.standard_normal((P, 3), dtype=np.float32))
+        albedo = albedo * (1.0 + 0.06 * rng.standard_normal((n_pix, 3), dtype=np.float32))
     shade = scene.ambient + (1.0 - scene.ambient) * lam
     image = albedo * shade[:, None]
     if rng is not None:
-        image = image + 0.015 * rng.standard_normal((P, 3), dtype=np.float32)
+        image = image + 0.015 * rng.standard_normal((n_pix, 3), dtype=np.float32)
 
-    normal_c = normal_w @ M  # = (M.T @ n) per row
+    normal_c = normal_w @ cam_axes  # = (cam_axes.T @ n) per row
     return {
         "image": np.clip(image, 0.0, 1.0).astype(np.float32).reshape(h, w, 3),
         "label": label.reshape(h, w),
@@ -562,3 +568,81 @@ def scenes_tasks(classes: int = len(SCENE_CLASSES)) -> tuple[TaskSpec, ...]:
     """Segmentation (``classes`` classes), depth and normals, with NYU-v2's loss scales
     (seg 1, depth 3, normals 10; App. G)."""
     return dense_tasks(classes)
+
+
+# ------------------------------------------------------------------------------------ dataset
+
+#: Channel statistics of rendered images (measured on 2,000 images of seed 0 at 96x128),
+#: used to normalize them to roughly zero mean and unit variance.
+SCENES_MEAN: tuple[float, float, float] = (0.323, 0.322, 0.322)
+SCENES_STD: tuple[float, float, float] = (0.183, 0.181, 0.180)
+#: Images per split when generated in memory.
+DEFAULT_N: dict[str, int] = {"train": 1000, "val": 250}
+SPLITS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}
+LAYOUT = (
+    "root=None to generate in memory, or <root>/{train,val} written by `dymu data scenes` "
+    "(image/, label/, depth/, normal/ <i>.npy and meta.json)"
+)
+
+
+def _classes_from_meta(meta: dict) -> int:
+    classes = meta.get("classes", SCENE_CLASSES)
+    return int(classes) if isinstance(classes, int) else len(classes)
+
+
+def build_scenes(
+    split: str,
+    root: str | Path | None = None,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    size: Sequence[int] | None = None,
+    transform: Callable[[Sample], Sample] | None = None,
+) -> MultiTaskDataset:
+    """The ``scenes`` benchmark: generated in memory when ``root`` is None (``n`` images,
+    default 1000 for train and 250 for val, of ``seed`` at ``size``, default 96x128; train and
+    val come from different random streams), else read from ``<root>/<split>`` in the MTAN
+    layout written by :func:`training.data.npy_split.write_split` (``size`` then resizes on load;
+    the class count comes from ``meta.json``)."""
+    if split not in SPLITS:
+        raise DatasetError(f"scenes has splits train and val (test = val), not {split!r}")
+    split = SPLITS[split]
+    if root is not None:
+        if n is not None:
+            raise DatasetError("scenes: option n applies only when generating (root=None)")
+        d = Path(root).expanduser() / split
+        if not (d / "image").is_dir():
+            raise DatasetError(f"no scenes split at {d}; expected {LAYOUT}")
+        classes = _classes_from_meta(read_meta(d))
+        return NpySplitDataset(
+            d,
+            scenes_tasks(classes),
+            layout=LAYOUT,
+            mean=SCENES_MEAN,
+            std=SCENES_STD,
+            size=size,
+            transform=transform,
+        )
+    n = DEFAULT_N[split] if n is None else int(n)
+    if n < 1:
+        raise DatasetError(f"scenes: n must be >= 1, got {n}")
+    arrays = render_scenes(
+        n, seed, tuple(size) if size is not None else DEFAULT_SIZE, stream=SPLIT_STREAMS[split]
+    )
+    return ArrayDataset(
+        scenes_tasks(),
+        arrays["image"],
+        {"segmentation": arrays["label"], "depth": arrays["depth"], "normals": arrays["normal"]},
+        mean=SCENES_MEAN,
+        std=SCENES_STD,
+        transform=transform,
+    )
+
+
+def scenes_dataset_tasks(root: str | Path | None = None, **_: object) -> tuple[TaskSpec, ...]:
+    """The tasks of :func:`build_scenes` (the class count from ``meta.json`` under ``root``)."""
+    if root is None:
+        return scenes_tasks()
+    metas = [read_meta(Path(root).expanduser() / s) for s in ("train", "val")]
+    meta = next((m for m in metas if m), {})
+    return scenes_tasks(_classes_from_meta(meta))

@@ -1,0 +1,71 @@
+"""multidigits: MultiMNIST-style pairs of scikit-learn's bundled digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from training.data import build_dataset, dataset_tasks
+from training.data.multidigits import CANVAS, N_TRAIN_SOURCES, make_pairs, source_digits
+
+
+def test_shapes_tasks_and_determinism():
+    ds = build_dataset("multidigits", "train", n=12, seed=3)
+    assert len(ds) == 12
+    assert [(t.name, t.kind, t.classes, t.loss_scale) for t in ds.tasks] == [
+        ("left", "classification", 10, 1.0),
+        ("right", "classification", 10, 1.0),
+    ]
+    assert ds.tasks == dataset_tasks("multidigits")
+    s = ds[5]
+    assert s["image"].shape == (3, CANVAS, CANVAS) and s["image"].dtype == torch.float32
+    assert torch.equal(s["image"][0], s["image"][1]) and torch.equal(s["image"][0], s["image"][2])
+    assert s["left"].dtype == torch.int64 and s["left"].ndim == 0 and 0 <= int(s["left"]) <= 9
+    again = build_dataset("multidigits", "train", n=12, seed=3)
+    for i in range(12):
+        assert torch.equal(ds[i]["image"], again[i]["image"])
+        assert int(ds[i]["right"]) == int(again[i]["right"])
+    other = build_dataset("multidigits", "train", n=12, seed=4)
+    assert not torch.equal(ds[0]["image"], other[0]["image"])
+    big = build_dataset("multidigits", "train", n=400, seed=0)
+    pix = torch.stack([big[i]["image"] for i in range(len(big))])
+    assert abs(float(pix.mean())) < 0.2 and 0.8 < float(pix.std()) < 1.2  # normalized
+
+
+def test_labels_are_the_source_digits_and_the_canvas_is_their_overlay():
+    digits = load_digits()
+    up, labels = source_digits()
+    p = make_pairs(50, seed=1, split="train")
+    np.testing.assert_array_equal(p["left"], digits.target[p["left_index"]])
+    np.testing.assert_array_equal(p["right"], digits.target[p["right_index"]])
+    np.testing.assert_array_equal(labels, digits.target)
+    assert np.all(p["left_index"] != p["right_index"])
+    s = up.shape[1]
+    for k in range(50):
+        r0, c0, r1, c1 = p["offsets"][k]
+        canvas = np.zeros((CANVAS, CANVAS), np.float32)
+        canvas[r0 : r0 + s, c0 : c0 + s] = up[p["left_index"][k]]
+        canvas[r1 : r1 + s, c1 : c1 + s] = np.maximum(
+            canvas[r1 : r1 + s, c1 : c1 + s], up[p["right_index"][k]]
+        )
+        np.testing.assert_array_equal(p["image"][k], canvas)
+        assert r0 < r1 < r0 + s and c0 < c1 < c0 + s  # upper-left / lower-right, overlapping
+    # the upsampled digit keeps the source's shape
+    small = up[7][:: s // 8, :: s // 8]
+    assert np.corrcoef(small.ravel(), digits.images[7].ravel())[0, 1] > 0.8
+
+
+def test_train_and_test_use_disjoint_source_images():
+    train = make_pairs(500, seed=0, split="train")
+    test = make_pairs(300, seed=0, split="test")
+    tr = set(train["left_index"]) | set(train["right_index"])
+    te = set(test["left_index"]) | set(test["right_index"])
+    assert max(tr) < N_TRAIN_SOURCES <= min(te)
+    assert not tr & te
+    val = build_dataset("multidigits", "val", n=5)  # val is an alias of test
+    np.testing.assert_allclose(
+        val.denormalize(val[0]["image"])[0].numpy(),
+        make_pairs(5, 0, "test")["image"][0],
+        atol=1e-6,
+    )

@@ -1,0 +1,141 @@
+"""``multidigits``: MultiMNIST-style pairs of real handwritten digits (Sener & Koltun, 2018).
+
+The source digits are scikit-learn's bundled ``load_digits`` (1,797 images of 8x8 at 17 grey
+levels; nothing is downloaded). Each digit is upsampled bilinearly to ``digit_size`` (default
+24x24) and two are overlaid (pixel-wise maximum) on a 36x36 canvas: the *left* digit at the
+upper-left corner and the *right* digit at the lower-right corner, each shifted inwards by a
+random 0..3 pixels, so they overlap by 12 to 18 pixels along each axis, as in MultiMNIST where
+two 28x28 digits share a 36x36 canvas. Tasks ``left`` and ``right``: 10-way classification,
+loss scale 1. The grey image is replicated to 3 channels so the same backbones apply.
+
+Fixed source split: the first 1,400 source images feed ``train``, the remaining 397 ``test``,
+so test pairs are made of digit images never seen in training. Pairs are drawn from
+``np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))`` with stream 0 for
+train and 1 for test; the same ``(n, seed, split)`` always gives the same pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+
+from dymu.config import TaskSpec
+
+from .base import ArrayDataset, DatasetError, Sample
+
+CANVAS = 36
+N_TRAIN_SOURCES = 1400
+JITTER = 3
+SPLITS: dict[str, str] = {"train": "train", "test": "test", "val": "test"}
+STREAMS: dict[str, int] = {"train": 0, "test": 1}
+DEFAULT_N: dict[str, int] = {"train": 10000, "test": 2000}
+#: Canvas statistics (measured on 10,000 train pairs of seed 0), for zero-mean unit-variance.
+DIGITS_MEAN: tuple[float, float, float] = (0.25, 0.25, 0.25)
+DIGITS_STD: tuple[float, float, float] = (0.33, 0.33, 0.33)
+
+
+def multidigits_tasks() -> tuple[TaskSpec, ...]:
+    """``left`` and ``right`` digit: 10-way classification each, loss scale 1."""
+    return (
+        TaskSpec(name="left", kind="classification", classes=10, loss_scale=1.0),
+        TaskSpec(name="right", kind="classification", classes=10, loss_scale=1.0),
+    )
+
+
+@lru_cache(maxsize=4)
+def source_digits(digit_size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 bundled digits upsampled to ``digit_size`` (float32 in [0, 1]) and their
+    labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.stack(
+        [
+            np.asarray(
+                Image.fromarray((im / 16.0).astype(np.float32)).resize(
+                    (digit_size, digit_size), Image.Resampling.BILINEAR
+                )
+            )
+            for im in d.images
+        ]
+    )
+    return np.clip(imgs, 0.0, 1.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def source_indices(split: str) -> np.ndarray:
+    """Indices into ``load_digits`` that feed ``split`` (train: the first 1,400)."""
+    n_all = len(source_digits()[1])
+    if SPLITS[split] == "train":
+        return np.arange(N_TRAIN_SOURCES)
+    return np.arange(N_TRAIN_SOURCES, n_all)
+
+
+def make_pairs(
+    n: int, seed: int = 0, split: str = "train", digit_size: int = 24
+) -> dict[str, np.ndarray]:
+    """``n`` overlaid pairs: ``image`` (n, 36, 36) float32 in [0, 1]; ``left``/``right`` (n,)
+    labels; ``left_index``/``right_index`` (n,) indices into ``load_digits``; ``offsets`` (n, 4)
+    the (row, col) of the left digit's and the right digit's top-left corners."""
+    if split not in SPLITS:
+        raise DatasetError(f"multidigits has splits train and test (val = test), not {split!r}")
+    if not 8 <= digit_size <= CANVAS - JITTER:
+        raise DatasetError(f"multidigits: digit_size must be in 8..{CANVAS - JITTER}")
+    split = SPLITS[split]
+    digits, labels = source_digits(digit_size)
+    pool = source_indices(split)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(STREAMS[split],)))
+    li = pool[rng.integers(len(pool), size=n)]
+    # a different source image on the right: shift by 1..len-1 within the pool
+    ri = pool[(np.searchsorted(pool, li) + rng.integers(1, len(pool), size=n)) % len(pool)]
+    jit = rng.integers(0, JITTER + 1, size=(n, 4))
+    far = CANVAS - digit_size
+    offsets = np.stack([jit[:, 0], jit[:, 1], far - jit[:, 2], far - jit[:, 3]], axis=1)
+    images = np.zeros((n, CANVAS, CANVAS), np.float32)
+    s = digit_size
+    for k in range(n):
+        r0, c0, r1, c1 = offsets[k]
+        images[k, r0 : r0 + s, c0 : c0 + s] = digits[li[k]]
+        np.maximum(
+            images[k, r1 : r1 + s, c1 : c1 + s],
+            digits[ri[k]],
+            out=images[k, r1 : r1 + s, c1 : c1 + s],
+        )
+    return {
+        "image": images,
+        "left": labels[li],
+        "right": labels[ri],
+        "left_index": li,
+        "right_index": ri,
+        "offsets": offsets,
+    }
+
+
+def build_multidigits(
+    split: str,
+    root: None = None,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    digit_size: int = 24,
+    transform: Callable[[Sample], Sample] | None = None,
+) -> ArrayDataset:
+    """The ``multidigits`` split: ``n`` pairs (default 10,000 train, 2,000 test) of ``seed``."""
+    if root is not None:
+        raise DatasetError("multidigits is generated from scikit-learn's digits; it takes no root")
+    if split not in SPLITS:
+        raise DatasetError(f"multidigits has splits train and test (val = test), not {split!r}")
+    n = DEFAULT_N[SPLITS[split]] if n is None else int(n)
+    if n < 1:
+        raise DatasetError(f"multidigits: n must be >= 1, got {n}")
+    pairs = make_pairs(n, seed, split, digit_size)
+    return ArrayDataset(
+        multidigits_tasks(),
+        pairs["image"],
+        {"left": pairs["left"], "right": pairs["right"]},
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
+        transform=transform,
+    )
