@@ -1,0 +1,300 @@
+"""Backends that run a materialized sub-network: eager torch and ONNX Runtime.
+
+``torch``: the :class:`dymu.MaterializedModel` as it is (BN already folded), under
+``inference_mode``; on CUDA in channels-last memory format under float16 autocast.
+
+``onnx``: one ONNX graph per *tree* (architecture id + task subset), exported with the
+weights as graph inputs (``export_params=False``), so every preference with the same tree
+shares one ONNX Runtime session and feeds its own folded weights (held as ``OrtValue`` on the
+session's device). Export and session creation run on a background thread when a tree is
+first seen; until the session is ready, that tree's requests run on torch, and the response
+says which backend ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dymu.materialize import MaterializedModel, clone_module
+
+from .metrics import Metrics
+
+log = logging.getLogger("dymu.service")
+
+INPUT_NAME = "image"
+_PREFIX = "net."
+
+
+def onnx_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "onnx" if onnx_available() else "torch"
+    if name == "onnx" and not onnx_available():
+        raise RuntimeError("backend 'onnx' needs onnxruntime: pip install 'dymu[onnx]'")
+    return name
+
+
+def module_nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+class _TupleOut(nn.Module):
+    """``x -> tuple of task outputs`` (ONNX graphs have positional outputs)."""
+
+    def __init__(self, net: MaterializedModel) -> None:
+        super().__init__()
+        self.net = net
+        self.task_names = net.tasks
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(x)
+        return tuple(out[t] for t in self.task_names)
+
+
+def export_onnx(net: MaterializedModel, input_hw: tuple[int, int]) -> bytes:
+    """The tree of ``net`` as ONNX, weights as inputs, dynamic batch/height/width."""
+    wrapper = _TupleOut(clone_module(net).cpu().float().eval())
+    example = torch.zeros(1, net.in_channels, *input_hw)
+    buf = io.BytesIO()
+    dyn = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
+    dyn.update({t: {0: "batch"} for t in net.tasks})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            buf,
+            dynamo=False,
+            export_params=False,
+            input_names=[INPUT_NAME],
+            output_names=list(net.tasks),
+            dynamic_axes=dyn,
+            opset_version=17,
+        )
+    return buf.getvalue()
+
+
+class OnnxSession:
+    """An ONNX Runtime session for one tree, and the names of its weight inputs."""
+
+    def __init__(self, data: bytes, device: torch.device, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.ort_device, self.device_id = "cpu", 0
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            self.device_id = device.index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), *providers]
+            self.ort_device = "cuda"
+        self.session = ort.InferenceSession(data, opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.weight_names = [i.name for i in self.session.get_inputs() if i.name != INPUT_NAME]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.nbytes = len(data)
+
+    def weights(self, net: MaterializedModel) -> dict[str, Any]:
+        """``OrtValue`` per weight input, from ``net``'s folded parameters."""
+        import onnxruntime as ort
+
+        state = {_PREFIX + k: v for k, v in net.state_dict().items()}
+        missing = [n for n in self.weight_names if n not in state]
+        if missing:
+            raise RuntimeError(f"the ONNX graph needs weights the module lacks: {missing[:3]}")
+        return {
+            n: ort.OrtValue.ortvalue_from_numpy(
+                state[n].detach().float().cpu().contiguous().numpy(),
+                self.ort_device,
+                self.device_id,
+            )
+            for n in self.weight_names
+        }
+
+    def run(self, x: np.ndarray, weights: dict[str, Any]) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, x)
+        for name, value in weights.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+class OnnxPool:
+    """Sessions keyed by tree (architecture id, task indices), built once, LRU-bounded."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        input_hw: tuple[int, int],
+        threads: int | None,
+        max_sessions: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.device = device
+        self.input_hw = input_hw
+        self.threads = threads
+        self.max_sessions = max_sessions
+        self.metrics = metrics
+        self._sessions: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dymu-onnx-export")
+
+    def request(self, key: tuple, net: MaterializedModel) -> Future:
+        """The (possibly still running) build of ``key``'s session; starts it if needed."""
+        with self._lock:
+            fut = self._sessions.get(key)
+            if fut is not None and not (fut.done() and fut.exception() is not None):
+                self._sessions.move_to_end(key)
+                return fut
+            fut = self._executor.submit(self._build, net)
+            self._sessions[key] = fut
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+            if self.metrics is not None:
+                self.metrics.onnx_sessions.set(len(self._sessions))
+        return fut
+
+    def _build(self, net: MaterializedModel) -> OnnxSession:
+        t0 = time.perf_counter()
+        try:
+            session = OnnxSession(export_onnx(net, self.input_hw), self.device, self.threads)
+        except Exception:
+            log.exception("ONNX export of tree %s failed; it stays on torch", net.architecture.id)
+            raise
+        if self.metrics is not None:
+            self.metrics.onnx_export_seconds.observe(time.perf_counter() - t0)
+        return session
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+            if self.metrics is not None:
+                self.metrics.onnx_sessions.set(0)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Runner:
+    """Runs one preference's sub-network for one task subset, on the best backend ready."""
+
+    def __init__(
+        self,
+        net: MaterializedModel,
+        device: torch.device,
+        backend: str,
+        pool: OnnxPool | None,
+    ) -> None:
+        self.device = device
+        if device.type == "cuda":
+            net = net.to(device=device, memory_format=torch.channels_last)
+        self.net = net
+        self.tasks = net.tasks
+        self.backend = backend
+        self.nbytes = module_nbytes(net)
+        self._weights: dict[str, Any] | None = None
+        self._session: OnnxSession | None = None
+        self._build: Future | None = None
+        self._lock = threading.Lock()
+        self.onnx_error: str | None = None
+        if backend == "onnx" and pool is not None:
+            key = (net.architecture.id, net.task_indices)
+            self._build = pool.request(key, net)
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def onnx_status(self) -> str:
+        if self.backend != "onnx":
+            return "disabled"
+        if self._session is not None:
+            return "ready"
+        if self._build is None:
+            return "unavailable"
+        if not self._build.done():
+            return "building"
+        return "failed" if self._build.exception() is not None else "ready"
+
+    def wait_onnx(self, timeout: float | None = None) -> bool:
+        """Block until the ONNX session is ready (True) or failed (False)."""
+        if self._build is None:
+            return False
+        try:
+            self._build.result(timeout)
+        except Exception:
+            return False
+        return self._onnx() is not None
+
+    def _onnx(self) -> tuple[OnnxSession, dict[str, Any]] | None:
+        if self._session is not None:
+            return self._session, self._weights
+        build = self._build
+        if build is None or not build.done() or build.exception() is not None:
+            if build is not None and build.done() and self.onnx_error is None:
+                self.onnx_error = str(build.exception())
+            return None
+        with self._lock:
+            if self._session is None:
+                session = build.result()
+                try:
+                    self._weights = session.weights(self.net)
+                except Exception as exc:
+                    log.exception("cannot feed this preference's weights to its ONNX session")
+                    self.onnx_error = str(exc)
+                    self._build = None
+                    return None
+                self.nbytes = module_nbytes(self.net) * 2  # torch weights + ORT copies
+                self._session = session
+        return self._session, self._weights
+
+    # -- inference ------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], str, float]:
+        """``x`` (B, C, H, W) float32 on the CPU -> (outputs as float32 arrays, backend, s)."""
+        onnx = self._onnx() if self.backend == "onnx" else None
+        if onnx is not None:
+            session, weights = onnx
+            arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+            t0 = time.perf_counter()
+            outs = session.run(arr, weights)
+            dt = time.perf_counter() - t0
+            return dict(zip(self.tasks, outs)), "onnx", dt
+        return self._run_torch(x)
+
+    def _run_torch(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], str, float]:
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                xd = x.to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                )
+                torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.net(xd)
+                torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                out = self.net(x)
+                dt = time.perf_counter() - t0
+            arrays = {k: v.float().cpu().numpy() for k, v in out.items()}
+        return arrays, "torch", dt

@@ -1,0 +1,171 @@
+"""Dynamic batching of predictions that share a preference, task subset and image size.
+
+A single dispatcher coroutine forms a batch whenever an inference worker is free: it takes the
+group (same batch key) whose oldest image has waited longest, lets it fill for up to
+``max_wait`` (unless it already holds ``max_batch`` images) and hands it to a worker thread.
+While every worker is busy, images accumulate, so batches grow with load by themselves.
+
+The queue is bounded: :meth:`Batcher.submit` refuses at once (``OverloadedError``, 503 +
+Retry-After) when ``max_queue`` images wait. A job whose request timed out is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OverloadedError
+from .metrics import Metrics
+
+
+@dataclass
+class Job:
+    key: Hashable
+    payload: Any
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+
+
+#: ``run(payloads) -> one result per payload`` (runs on a worker thread).
+BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: BatchFn,
+        executor: Executor,
+        *,
+        workers: int,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        retry_after_s: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self._metrics = metrics
+        self._groups: OrderedDict[Hashable, deque[Job]] = OrderedDict()
+        self._depth = 0
+        self._arrived = asyncio.Event()
+        self._free = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Images waiting for a batch."""
+        return self._depth
+
+    def start(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        for group in self._groups.values():
+            for job in group:
+                if not job.future.done():
+                    job.future.cancel()
+        self._groups.clear()
+        self._set_depth(0)
+
+    def submit(self, key: Hashable, payload: Any) -> Job:
+        """Queue one image; raises :class:`OverloadedError` at once when the queue is full."""
+        if self._depth >= self.max_queue:
+            if self._metrics is not None:
+                self._metrics.queue_rejections.inc()
+            raise OverloadedError(
+                f"the inference queue is full ({self.max_queue} images waiting); retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        job = Job(key, payload, asyncio.get_running_loop().create_future())
+        self._groups.setdefault(key, deque()).append(job)
+        self._set_depth(self._depth + 1)
+        self._arrived.set()
+        return job
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(depth)
+
+    # -- dispatcher -----------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        while True:
+            await self._free.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[Job]:
+        while not self._groups:
+            self._arrived.clear()
+            await self._arrived.wait()
+        key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+        group = self._groups[key]
+        deadline = group[0].enqueued + self.max_wait_s
+        while len(group) < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        batch: list[Job] = []
+        taken = 0
+        while group and len(batch) < self.max_batch:
+            job = group.popleft()
+            taken += 1
+            if not job.future.done():  # a timed-out request cancelled its future
+                batch.append(job)
+        if not group:
+            del self._groups[key]
+        self._set_depth(self._depth - taken)
+        return batch
+
+    async def _execute(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        for job in batch:
+            job.started = now
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run, [j.payload for j in batch]
+            )
+        except Exception as exc:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            for job, result in zip(batch, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            self._free.release()

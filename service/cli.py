@@ -1,0 +1,89 @@
+"""``dymu serve``: the subcommand this package contributes to the ``dymu`` CLI.
+
+Registered through the ``dymu.commands`` entry-point group (pyproject.toml). Importing this
+module is cheap (no FastAPI, no torch), so ``dymu --help`` stays fast; the server's modules are
+imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dymu.errors import DymuError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from pydantic import ValidationError
+
+        from .server import serve
+        from .settings import Settings
+    except ImportError as exc:
+        raise DymuError(
+            f"`dymu serve` needs the serving extra (pip install 'dymu[serving]'): {exc}"
+        ) from exc
+    overrides = {
+        k: v
+        for k, v in {
+            "model_dir": args.model_dir,
+            "host": args.host,
+            "port": args.port,
+            "device": args.device,
+            "backend": args.backend,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise DymuError(f"bad setting {loc}: {first['msg']}") from exc
+    # Fail fast on a missing artifact (the full checksum verification runs at start-up).
+    from dymu.store import resolve
+
+    resolve(settings.model_dir)
+    if settings.backend == "onnx":
+        from .backends import onnx_available
+
+        if not onnx_available():
+            raise DymuError("--backend onnx needs onnxruntime: pip install 'dymu[onnx]'")
+    url = f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+    print(f"dymu serve: {settings.model_dir} on {url}  (OpenAPI docs: {url}/docs)", flush=True)
+    serve(settings)
+    return 0
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (preference API, predictions, metrics)",
+        description="Serve a model store over HTTP: POST /preference, POST /predict, "
+        "GET /v1/model, /healthz, /readyz, /metrics; OpenAPI docs at /docs. Every option "
+        "is also an environment variable DYMU_<OPTION> (see docs/service.md); flags win.",
+    )
+    p.add_argument(
+        "model_dir",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="model_store/<name> (newest version) or a version directory "
+        "(default: $DYMU_MODEL_DIR or model_store/scenes-small)",
+    )
+    p.add_argument("--host", default=None, help="interface (default 127.0.0.1; $DYMU_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000; $DYMU_PORT)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="auto (CUDA when available), cpu, cuda or cuda:<i> (default auto; $DYMU_DEVICE)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default=None,
+        help="auto = onnx when onnxruntime is installed, else torch ($DYMU_BACKEND)",
+    )
+    p.add_argument("--log-level", default=None, help="uvicorn log level (default info)")
+    p.set_defaults(func=_serve)

@@ -1,0 +1,179 @@
+"""Images in, maps out: decoding with limits, input normalization, and output encodings.
+
+Decoding never trusts the client: the format is sniffed from the bytes (PNG or JPEG; anything
+else is 415), the pixel count is checked from the header *before* the pixels are decoded (a
+decompression bomb is 413 without being inflated) and a truncated or corrupt file is 422.
+
+Outputs are never JSON lists of floats: dense maps are PNGs (segmentation: class-index PNG,
+8-bit up to 256 classes else 16-bit; depth: 16-bit PNG with ``depth = offset + value *
+scale``; normals: RGB PNG with ``n = value / 255 * 2 - 1``) or float32 arrays in an ``.npz``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BadImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+# Our own pixel limit is checked before decoding; PIL's global bomb check would only warn.
+Image.MAX_IMAGE_PIXELS = None
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+#: Input normalization of the datasets dymu trains on: (mean, std) of [0, 1] RGB, keyed by the
+#: dataset name the manifest's training record holds (``training.data.name``). The artifact does
+#: not record its normalization itself, so the service reads it from here (a test checks these
+#: values against ``training.data``); ``DYMU_INPUT_MEAN`` / ``DYMU_INPUT_STD`` override it.
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "scenes": ((0.323, 0.322, 0.322), (0.183, 0.181, 0.180)),
+    "multidigits": ((0.25, 0.25, 0.25), (0.33, 0.33, 0.33)),
+    "cifar100-20": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "nyuv2": IMAGENET,
+    "pascal-context": IMAGENET,
+}
+
+
+def normalization_for(
+    manifest: Mapping[str, Any],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where it came from) for a model: the settings, else its dataset's, else
+    ImageNet's."""
+    if mean is not None and std is not None:
+        return tuple(mean), tuple(std), "settings"
+    data = (manifest.get("training") or {}).get("data") or {}
+    name = str(data.get("name") or "")
+    found = DATASET_NORMALIZATION.get(name)
+    source = f"dataset {name}" if found else "ImageNet (default)"
+    m, s = found or IMAGENET
+    return tuple(mean or m), tuple(std or s), source
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 RGB array (H, W, 3), enforcing the limits."""
+    if not data:
+        raise BadImageError("the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaTypeError(
+            "the image is not a PNG or JPEG file (those are the formats accepted)"
+        ) from exc
+    except Image.DecompressionBombError as exc:  # pragma: no cover - limit disabled above
+        raise PayloadTooLargeError(str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(f"cannot read the image header: {exc}") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        raise PayloadTooLargeError(
+            f"the image has {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}"
+        )
+    if min(w, h) < min_side:
+        raise BadImageError(f"the image is {w}x{h}; both sides must be at least {min_side} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(arr[:, :, None], 3, axis=2)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise BadImageError(f"cannot decode the {img.format} image: {exc}") from exc
+
+
+def decode_base64(text: str) -> bytes:
+    try:
+        if text.startswith("data:") and "," in text:  # a data URL
+            text = text.split(",", 1)[1]
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise BadImageError(f"the image field is not valid base64: {exc}") from exc
+
+
+def to_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalized float32 (3, H, W)."""
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True))
+    x = x.permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _png(arr: np.ndarray) -> str:
+    """uint8 (H, W) -> L, uint16 (H, W) -> I;16, uint8 (H, W, 3) -> RGB."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, Any]:
+    """One task's output (one image, no batch axis) as a JSON-ready record with PNGs."""
+    if kind == "segmentation":
+        labels = out.argmax(axis=0)
+        n = out.shape[0]
+        if n <= 256:
+            png, bits = _png(labels.astype(np.uint8)), 8
+        else:
+            png, bits = _png(labels.astype(np.uint16)), 16
+        return {
+            "kind": kind,
+            "encoding": f"png: class index per pixel ({bits}-bit grayscale)",
+            "shape": list(labels.shape),
+            "classes": n,
+            "png": png,
+        }
+    if kind == "depth":
+        d = out[0].astype(np.float64)
+        lo, hi = float(np.nanmin(d)), float(np.nanmax(d))
+        scale = (hi - lo) / 65535.0 if hi > lo else 1.0
+        q = np.clip(np.rint((d - lo) / scale), 0, 65535).astype(np.uint16)
+        return {
+            "kind": kind,
+            "encoding": "png: 16-bit grayscale; depth = offset + value * scale",
+            "shape": list(q.shape),
+            "scale": scale,
+            "offset": lo,
+            "png": _png(q),
+        }
+    if kind == "normals":
+        n = np.clip(np.rint((out.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return {
+            "kind": kind,
+            "encoding": "png: RGB; normal = value / 255 * 2 - 1",
+            "shape": list(n.shape[:2]),
+            "png": _png(n),
+        }
+    # classification: K logits -> the label and its probabilities (K numbers, not a map)
+    logits = out.astype(np.float64).reshape(-1)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return {
+        "kind": kind,
+        "encoding": "label and class probabilities",
+        "label": int(p.argmax()),
+        "probabilities": [round(float(v), 6) for v in p],
+        "classes": classes or len(p),
+    }
+
+
+def encode_npz(outputs: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> bytes:
+    """Float32 arrays per task (no batch axis) and the metrics as a JSON string ``_metrics``."""
+    buf = io.BytesIO()
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in outputs.items()}
+    np.savez(buf, **arrays, _metrics=np.array(json.dumps(dict(metrics))))
+    return buf.getvalue()

@@ -1,0 +1,114 @@
+"""Preference ids: the canonical (r, c) of a preference, the model version and a checksum.
+
+An id is *derived*, never allocated, so it stays valid after eviction, across restarts and on
+any replica serving the same model version, which rebuilds the preference from the id alone::
+
+    v1_333333-333333-333333_0_1a2b3c4d
+    │  │                    │ └ checksum: sha256("<name>/<version>:<r>:<c>")[:8]
+    │  │                    └ c in millionths
+    │  └ r in millionths (dymu.preference.KEY_DECIMALS = 6 places), one per task
+    └ model version
+
+The canonical preference is the one :meth:`dymu.Preference.key` rounds to (6 decimals), used
+as-is (not normalized again, so it is a fixed point): a POSTed preference and the preference
+decoded from its id are the same object, hence the same tree, BN deltas and outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from dymu.errors import PreferenceError
+from dymu.preference import KEY_DECIMALS, Preference, normalize_preference
+
+from .errors import MalformedPreferenceIdError, UnknownPreferenceIdError
+
+SCALE = 10**KEY_DECIMALS
+_ID = re.compile(
+    r"^(?P<version>[A-Za-z0-9.]{1,32})_(?P<r>[0-9]{1,7}(?:-[0-9]{1,7}){0,63})"
+    r"_(?P<c>[0-9]{1,7})_(?P<check>[0-9a-f]{8})$"
+)
+EXAMPLE = "v1_333333-333333-333333_0_1a2b3c4d"
+CanonicalKey = tuple[tuple[int, ...], int]
+
+
+def _units(x: float) -> int:
+    return round(x * SCALE)
+
+
+def canonical_key(pref: Preference) -> CanonicalKey:
+    """(r, c) in millionths, from the core's canonical rounding :meth:`Preference.key`."""
+    r, c = pref.key()
+    return tuple(_units(v) for v in r), _units(c)
+
+
+def canonical_preference(key: CanonicalKey) -> Preference:
+    r, c = key
+    return Preference(r=tuple(v / SCALE for v in r), c=c / SCALE)
+
+
+def canonicalize(r: Any, c: Any, tasks: Sequence[str]) -> tuple[Preference, CanonicalKey]:
+    """Validate (r, c) with the core's validator and return the canonical preference and key."""
+    try:
+        pref = normalize_preference(r, c, tasks)
+    except OverflowError as exc:  # math.fsum of huge weights; the core does not catch it
+        raise PreferenceError(f"r is too large to normalize: {exc}") from exc
+    key = canonical_key(pref)
+    return canonical_preference(key), key
+
+
+def _version_token(version: str | None) -> str:
+    token = re.sub(r"[^A-Za-z0-9.]", ".", str(version or "dev"))[:32]
+    return token or "dev"
+
+
+def _checksum(model_name: str | None, version: str, r: str, c: str) -> str:
+    text = f"{model_name or ''}/{version}:{r}:{c}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def encode(key: CanonicalKey, model_name: str | None, model_version: str | None) -> str:
+    version = _version_token(model_version)
+    r = "-".join(str(v) for v in key[0])
+    c = str(key[1])
+    return f"{version}_{r}_{c}_{_checksum(model_name, version, r, c)}"
+
+
+def decode(
+    pref_id: str, tasks: Sequence[str], model_name: str | None, model_version: str | None
+) -> tuple[Preference, CanonicalKey]:
+    """The canonical preference of ``pref_id``; raises with the reason when it is not one of
+    this model version's ids (404 for another version, 422 for anything malformed)."""
+    m = _ID.match(pref_id)
+    if m is None:
+        raise MalformedPreferenceIdError(
+            f"malformed preference id {pref_id[:80]!r}: expected "
+            f"<version>_<r in millionths, '-'-separated>_<c in millionths>_<checksum>, "
+            f"e.g. {EXAMPLE}"
+        )
+    version, r_text, c_text, check = m.group("version", "r", "c", "check")
+    if check != _checksum(model_name, version, r_text, c_text):
+        raise MalformedPreferenceIdError(
+            f"preference id {pref_id!r} fails its checksum: it was altered or mistyped, "
+            f"or made by a model other than {model_name!r}"
+        )
+    ours = _version_token(model_version)
+    if version != ours:
+        raise UnknownPreferenceIdError(
+            f"preference id {pref_id!r} belongs to model version {version}; this server "
+            f"serves {model_name} {ours}: POST /preference again to get this version's id"
+        )
+    r_units = tuple(int(v) for v in r_text.split("-"))
+    c_units = int(c_text)
+    # The core's validator decides what a valid preference is (length, sum, range of c).
+    canonicalize([v / SCALE for v in r_units], c_units / SCALE, tasks)
+    if abs(sum(r_units) - SCALE) > len(r_units):
+        raise MalformedPreferenceIdError(
+            f"preference id {pref_id!r} is not canonical: its r sums to "
+            f"{sum(r_units) / SCALE}, not 1"
+        )
+    key = (r_units, c_units)
+    return canonical_preference(key), key

@@ -1,0 +1,174 @@
+"""Request and response bodies of the service (shared by the server and the client)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Weights = list[float] | dict[str, float]
+OutputFormat = Literal["json", "npz"]
+
+R_DESCRIPTION = (
+    "Task importance: a list with one non-negative weight per task (in the model's task order) "
+    "or a {task: weight} map where missing tasks count 0; normalized to sum to 1."
+)
+C_DESCRIPTION = "Frugality c in [0, 1]: 0 spends what helps the tasks, 1 shares as much as it can."
+
+
+class PreferenceIn(BaseModel):
+    """A preference (r, c)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"r": [0.6, 0.3, 0.1], "c": 0.3},
+                {"r": {"depth": 2, "normals": 1}, "c": 0.0},
+            ]
+        }
+    )
+
+    r: Weights = Field(description=R_DESCRIPTION)
+    c: float = Field(0.0, description=C_DESCRIPTION)
+
+
+class ArchitectureOut(BaseModel):
+    id: str = Field(description="stable 12-hex id of the tree")
+    n_tasks: int
+    n_layers: int
+    parents: list[list[int]] = Field(
+        description="parents[b][j]: the stream whose layer-b node feeds node (b+1, j)"
+    )
+    used_nodes: list[list[int]] = Field(description="streams that run, per layer (layer 0 first)")
+    n_used_nodes: int
+    n_nodes: int = Field(description="N x L: the nodes of the full anchor net")
+
+
+class CostOut(BaseModel):
+    input_size: list[int] = Field(description="[H, W] the cost is given for")
+    flops: int = Field(description="FLOPs per image (1 multiply-add = 2 FLOPs)")
+    gflops: float
+    params: int = Field(description="active anchor parameters of the used nodes and heads")
+    anchor_flops: int
+    anchor_params: int
+    fraction_of_anchor_flops: float
+    fraction_of_anchor_params: float
+
+
+class PreferenceRecord(BaseModel):
+    """A preference as the server computed it."""
+
+    preference_id: str = Field(description="derived from (r, c) and the model version")
+    model: str
+    model_version: str
+    r: list[float] = Field(description="normalized r (6 decimals), in task order")
+    r_by_task: dict[str, float]
+    c: float
+    architecture: ArchitectureOut
+    cost: CostOut
+    cached: bool = Field(description="false only for the request that computed it")
+    compute_ms: float = Field(description="how long computing it took (when it was computed)")
+    elapsed_ms: float = Field(description="this request's time in the server")
+    backends: dict[str, str] = Field(
+        description="state per backend for the full task set: ready, building, failed, disabled"
+    )
+
+
+class PredictJSON(BaseModel):
+    """A prediction request as JSON: the image as base64 (plain or a data URL)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"image": "<base64 PNG or JPEG>", "preference_id": None, "format": "json"},
+                {"image": "<base64 PNG>", "r": [1, 0, 0], "c": 0.5, "tasks": ["segmentation"]},
+            ]
+        }
+    )
+
+    image: str = Field(description="PNG or JPEG, base64")
+    preference_id: str | None = Field(None, description="from POST /preference")
+    r: Weights | None = Field(None, description=R_DESCRIPTION + " Inline, instead of an id.")
+    c: float | None = Field(None, description=C_DESCRIPTION + " With r; default 0.")
+    tasks: list[str] | None = Field(None, description="task subset (default: all)")
+    format: OutputFormat = Field("json", description="json (PNG maps) or npz (float32 arrays)")
+
+
+class RequestMetrics(BaseModel):
+    """What one prediction cost; also sent as X-Dymu-* response headers."""
+
+    flops: int = Field(description="FLOPs actually run for this image (1 MAC = 2 FLOPs)")
+    gflops: float
+    params: int = Field(description="parameters of the nodes and heads that ran")
+    model_ms: float = Field(description="model time of the batch this image ran in")
+    queue_ms: float = Field(description="time waiting for a batch")
+    total_ms: float = Field(description="time in the server, decoding and encoding included")
+    batch_size: int
+    architecture_id: str
+    preference_id: str
+    tasks: list[str]
+    input_size: list[int]
+    device: str
+    backend: str
+
+
+class Prediction(BaseModel):
+    """Outputs per task (PNG-encoded maps) and the request's metrics."""
+
+    outputs: dict[str, dict[str, Any]]
+    metrics: RequestMetrics
+
+
+class TaskInfo(BaseModel):
+    name: str
+    kind: str
+    classes: int | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str | None
+    version: str | None
+    path: str | None
+    tasks: list[TaskInfo]
+    n_tasks: int
+    n_layers: int
+    input_size: list[int]
+    in_channels: int
+    artifact_sha256: str | None = Field(description="manifest_sha256 of the artifact")
+    files: dict[str, Any]
+    anchor_cost: CostOut
+    control_params: int
+    input_normalization: dict[str, Any]
+    device: str
+    backend: str
+    default_preference_id: str
+    cache: dict[str, int]
+    batching: dict[str, float]
+
+
+class Health(BaseModel):
+    status: str
+    live: bool = True
+
+
+class Readiness(BaseModel):
+    ready: bool
+    status: str
+    model: str | None = None
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="error code, e.g. preference_error")
+    detail: str = Field(description="the reason")
+    status: int
+
+
+class AdminResult(BaseModel):
+    action: str
+    model: str | None = None
+    model_version: str | None = None
+    previous_version: str | None = None
+    cleared: int | None = None
+    elapsed_ms: float

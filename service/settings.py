@@ -1,0 +1,103 @@
+"""Settings of the dymu service: every field is an environment variable ``DYMU_<FIELD>``.
+
+``dymu serve`` flags override the environment; the environment overrides these defaults.
+Lists are JSON in the environment, e.g. ``DYMU_DEFAULT_R='[0.6, 0.3, 0.1]'`` or
+``DYMU_DEFAULT_R='{"depth": 1}'``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["auto", "torch", "onnx"]
+
+
+class Settings(BaseSettings):
+    """Configuration of one server process (see docs/service.md for the full table)."""
+
+    model_config = SettingsConfigDict(env_prefix="DYMU_", extra="ignore")
+
+    # -- what to serve and where ----------------------------------------------------------------
+    model_dir: Path = Field(
+        Path("model_store/scenes-small"),
+        description="model_store/<name> (newest version) or a version directory",
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:<i>")
+    backend: Backend = Field(
+        "auto", description="auto = onnx when onnxruntime is installed, else torch"
+    )
+    log_level: str = "info"
+
+    # -- the default preference and start-up ----------------------------------------------------
+    default_r: list[float] | dict[str, float] | None = Field(
+        None, description="default task importance (None = uniform)"
+    )
+    default_c: float = Field(0.0, description="default frugality c in [0, 1]")
+    warmup: bool = Field(True, description="run one prediction before reporting ready")
+
+    # -- preference cache -----------------------------------------------------------------------
+    cache_max_entries: int = Field(64, ge=1, description="preferences kept (LRU)")
+    cache_max_bytes: int = Field(
+        512 * 2**20, ge=1, description="bytes of materialized weights kept (LRU)"
+    )
+
+    # -- batching, queue, timeouts --------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, description="1 turns batching off")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    max_queue: int = Field(64, ge=1, description="queued images; beyond it: 503 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="per /predict request")
+    inference_workers: int = Field(1, ge=1, le=64, description="threads running batches")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
+    onnx_max_sessions: int = Field(32, ge=1, description="ONNX sessions kept (one per tree)")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
+
+    # -- input limits ---------------------------------------------------------------------------
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger bodies: 413")
+    max_pixels: int = Field(2048 * 2048, ge=1, description="larger images: 413")
+    input_mean: tuple[float, float, float] | None = Field(
+        None, description="per-channel mean of [0, 1] RGB (None: from the model's dataset)"
+    )
+    input_std: tuple[float, float, float] | None = Field(
+        None, description="per-channel std of [0, 1] RGB (None: from the model's dataset)"
+    )
+
+    # -- admin ----------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="enables /admin/* (Bearer token); unset = admin surface off"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:<index>")
+
+    @field_validator("default_c")
+    @classmethod
+    def _c(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("default_c must be in [0, 1]")
+        return v
+
+    @field_validator("input_std")
+    @classmethod
+    def _std(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError("input_std must be positive")
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            return None  # an empty DYMU_ADMIN_TOKEN leaves the admin surface off
+        return v
