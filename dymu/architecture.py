@@ -136,6 +136,10 @@ class Architecture:
             used.append(tuple(sorted({self.parents[b][j] for j in used[-1]})))
         return tuple(reversed(used))
 
+    def node_list(self, tasks: Iterable[int] | None = None) -> list[Node]:
+        """The used nodes as ``(layer, stream)`` pairs, in topological order."""
+        return [(l, j) for l, streams in enumerate(self.used_nodes(tasks)) for j in streams]
+
     def num_used_nodes(self, tasks: Iterable[int] | None = None) -> int:
         return sum(len(u) for u in self.used_nodes(tasks))
 

@@ -126,8 +126,7 @@ class ControllableModel(nn.Module):
             )
         deltas = None
         if adapt:
-            used = arch.used_nodes(task_idx)
-            deltas = self.bn_deltas(pref, nodes=[(l, j) for l, s in enumerate(used) for j in s])
+            deltas = self.bn_deltas(pref, nodes=arch.node_list(task_idx))
         return MaterializedModel(
             self.anchor, arch, task_idx, self.cost_model, deltas, fold_bn=fold_bn, preference=pref
         )

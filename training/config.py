@@ -63,6 +63,10 @@ class HypernetStage(_Strict):
     def decay_every(self) -> int:
         return self.lr_decay_every or max(1, round(self.steps * 14_000 / PAPER_STEPS))
 
+    def lr_at(self, step: int) -> float:
+        """Step decay: lr x lr_decay every ``decay_every()`` steps (App. G)."""
+        return self.lr * self.lr_decay ** (step // self.decay_every())
+
 
 class EdgeStage(HypernetStage):
     """Stage 1: the edge hypernet with the branching regularizer."""

@@ -378,7 +378,7 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
         opt,
         start,
         step_fn,
-        lambda s: cfg.lr * cfg.lr_decay ** (s // cfg.decay_every()),
+        cfg.lr_at,
     )
     _freeze(hyper)
 
@@ -399,8 +399,7 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
         r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
         with torch.no_grad():
             arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
-        used = arch.used_nodes()
-        deltas = hyper(r, c, [(l, j) for l, s in enumerate(used) for j in s])
+        deltas = hyper(r, c, arch.node_list())
         with run.autocast():
             out = model.anchor.forward_tree(batch["image"], arch, deltas)
         total, per_task = weighted_task_loss(run.tasks, out, batch, r)
@@ -417,7 +416,7 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
         opt,
         start,
         step_fn,
-        lambda s: cfg.lr * cfg.lr_decay ** (s // cfg.decay_every()),
+        cfg.lr_at,
     )
     _freeze(hyper)
 
