@@ -14,11 +14,21 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.11"
-	$(PY) -m pip install --quiet -e ".[dev,training]"
+	$(PY) -m pip install --quiet -e ".[dev,training,serving,onnx]"
 	touch $(STAMP)
 
+# Serve the shipped model (Ctrl-C stops it); HOST/PORT/MODEL_DIR can be overridden.
+HOST      ?= 127.0.0.1
+PORT      ?= 8000
+MODEL_DIR ?= model_store/scenes-small
+
 demo: setup
-	$(PY) examples/core_demo.py
+	@echo "dymu demo: serving $(MODEL_DIR) on http://$(HOST):$(PORT)"
+	@echo "  OpenAPI docs:  http://$(HOST):$(PORT)/docs"
+	@echo "  try:           curl -s -X POST http://$(HOST):$(PORT)/preference -H 'content-type: application/json' -d '{\"r\": [0.6, 0.3, 0.1], \"c\": 0.5}'"
+	@echo "                 curl -s -X POST http://$(HOST):$(PORT)/predict -F image=@service/example.png -F r=0.6,0.3,0.1 -F c=0.5 -D - -o /dev/null"
+	@echo "  (the core tour is still there: $(PY) examples/core_demo.py)"
+	$(VENV)/bin/dymu serve $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +103,9 @@ class Service:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         self._control = ThreadPoolExecutor(2, thread_name_prefix="dymu-control")
-        self._io = ThreadPoolExecutor(2, thread_name_prefix="dymu-io")
+        self._io = ThreadPoolExecutor(
+            min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="dymu-io"
+        )
         self._inference = ThreadPoolExecutor(s.inference_workers, thread_name_prefix="dymu-infer")
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
@@ -447,8 +450,8 @@ def _validated(fields: Any) -> PredictJSON:
         raise RequestValidationError(exc.errors()) from exc
 
 
-async def _parse_json(request: Request) -> tuple[bytes, PredictJSON]:
-    raw = await request.body()
+def _parse_json(raw: bytes) -> tuple[bytes, PredictJSON]:
+    """JSON body -> (image bytes, request); runs on a worker thread (bodies can be MBs)."""
     try:
         fields = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -646,7 +649,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if ctype == "multipart/form-data":
             data, req = await _parse_multipart(request)
         elif ctype in ("application/json", ""):
-            data, req = await _parse_json(request)
+            data, req = await svc._in(svc._io, _parse_json, await request.body())
         else:
             raise UnsupportedMediaTypeError(
                 f"unsupported body type {ctype!r}: send multipart/form-data or application/json"
@@ -687,16 +690,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ) from None
         queue_s = (job.started or job.enqueued) - job.enqueued
 
-        def encode() -> tuple[Any, Any]:
-            cost = lm.model.cost(entry.architecture, hw, names)
-            if req.format == "npz":
-                return cost, None
-            specs = lm.task_specs
-            return cost, {
-                t: encode_task(specs[t].kind, out.arrays[t], specs[t].classes) for t in names
-            }
-
-        cost, encoded = await svc._in(svc._io, encode)
+        # The cost and one PNG per task, encoded in parallel (zlib releases the GIL).
+        specs = lm.task_specs
+        jobs = [svc._in(svc._io, lm.model.cost, entry.architecture, hw, names)]
+        if req.format == "json":
+            jobs += [
+                svc._in(svc._io, encode_task, specs[t].kind, out.arrays[t], specs[t].classes)
+                for t in names
+            ]
+        cost, *pngs = await asyncio.gather(*jobs)
+        encoded = dict(zip(names, pngs))
         svc.metrics.flops.inc(cost.flops)
         metrics = RequestMetrics(
             flops=cost.flops,

@@ -37,6 +37,11 @@ INPUT_NAME = "image"
 _PREFIX = "net."
 
 
+def _failed(fut: Future) -> bool:
+    """A finished build that gave no session (an error, or cancelled at shutdown)."""
+    return fut.done() and (fut.cancelled() or fut.exception() is not None)
+
+
 def onnx_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
@@ -100,6 +105,9 @@ class OnnxSession:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # No busy-waiting between runs: the same process decodes and encodes images and runs
+        # the event loop, and spinning ORT threads would take their cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.ort_device, self.device_id = "cpu", 0
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -164,7 +172,7 @@ class OnnxPool:
         """The (possibly still running) build of ``key``'s session; starts it if needed."""
         with self._lock:
             fut = self._sessions.get(key)
-            if fut is not None and not (fut.done() and fut.exception() is not None):
+            if fut is not None and not _failed(fut):
                 self._sessions.move_to_end(key)
                 return fut
             fut = self._executor.submit(self._build, net)
@@ -233,7 +241,7 @@ class Runner:
             return "unavailable"
         if not self._build.done():
             return "building"
-        return "failed" if self._build.exception() is not None else "ready"
+        return "failed" if _failed(self._build) else "ready"
 
     def wait_onnx(self, timeout: float | None = None) -> bool:
         """Block until the ONNX session is ready (True) or failed (False)."""
@@ -241,7 +249,7 @@ class Runner:
             return False
         try:
             self._build.result(timeout)
-        except Exception:
+        except Exception:  # failed, cancelled or timed out: torch keeps serving
             return False
         return self._onnx() is not None
 
@@ -249,9 +257,9 @@ class Runner:
         if self._session is not None:
             return self._session, self._weights
         build = self._build
-        if build is None or not build.done() or build.exception() is not None:
-            if build is not None and build.done() and self.onnx_error is None:
-                self.onnx_error = str(build.exception())
+        if build is None or not build.done() or _failed(build):
+            if build is not None and _failed(build) and self.onnx_error is None:
+                self.onnx_error = "cancelled" if build.cancelled() else str(build.exception())
             return None
         with self._lock:
             if self._session is None:

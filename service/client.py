@@ -159,7 +159,7 @@ def _check(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def _predict_result(response: httpx.Response) -> PredictResult:
+def _predict_result(response: httpx.Response, decode: bool = True) -> PredictResult:
     _check(response)
     headers = dict(response.headers)
     if response.headers.get("content-type", "").startswith("application/x-npz"):
@@ -169,7 +169,7 @@ def _predict_result(response: httpx.Response) -> PredictResult:
         return PredictResult(outputs, metrics, headers, "npz")
     body = response.json()
     return PredictResult(
-        decode_outputs(body["outputs"]),
+        decode_outputs(body["outputs"]) if decode else {},
         RequestMetrics.model_validate(body["metrics"]),
         headers,
         "json",
@@ -259,9 +259,11 @@ class DymuClient:
         tasks: Sequence[str] | None = None,
         format: str = "json",
         transport: str = "multipart",
+        decode: bool = True,
     ) -> PredictResult:
+        """Predict one image. ``decode=False`` leaves JSON outputs encoded (``.encoded``)."""
         kwargs = _predict_request(image, preference_id, r, c, tasks, format, transport)
-        return _predict_result(self._http.post("/predict", **kwargs))
+        return _predict_result(self._http.post("/predict", **kwargs), decode)
 
     def metrics(self) -> str:
         return _check(self._http.get("/metrics")).text
@@ -345,9 +347,10 @@ class AsyncDymuClient:
         tasks: Sequence[str] | None = None,
         format: str = "json",
         transport: str = "multipart",
+        decode: bool = True,
     ) -> PredictResult:
         kwargs = _predict_request(image, preference_id, r, c, tasks, format, transport)
-        return _predict_result(await self._http.post("/predict", **kwargs))
+        return _predict_result(await self._http.post("/predict", **kwargs), decode)
 
     async def metrics(self) -> str:
         return _check(await self._http.get("/metrics")).text

@@ -105,12 +105,16 @@ def decode_base64(text: str) -> bytes:
 
 
 def to_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalized float32 (3, H, W)."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True))
-    x = x.permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(m).div_(s)
+    """uint8 (H, W, 3) -> normalized float32 (3, H, W): ``(rgb / 255 - mean) / std``.
+
+    In numpy, single-threaded: torch's intra-op threads would compete with inference.
+    """
+    m = np.asarray(mean, dtype=np.float32) * 255.0
+    s = np.asarray(std, dtype=np.float32) * 255.0
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    chw -= m[:, None, None]
+    chw /= s[:, None, None]
+    return torch.from_numpy(chw)
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -138,10 +142,11 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
             "png": png,
         }
     if kind == "depth":
-        d = out[0].astype(np.float64)
+        d = out[0]
         lo, hi = float(np.nanmin(d)), float(np.nanmax(d))
         scale = (hi - lo) / 65535.0 if hi > lo else 1.0
-        q = np.clip(np.rint((d - lo) / scale), 0, 65535).astype(np.uint16)
+        q = (d - np.float32(lo)) * np.float32(1.0 / scale) + np.float32(0.5)
+        q = np.clip(np.nan_to_num(q), 0, 65535).astype(np.uint16)
         return {
             "kind": kind,
             "encoding": "png: 16-bit grayscale; depth = offset + value * scale",
@@ -151,7 +156,9 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
             "png": _png(q),
         }
     if kind == "normals":
-        n = np.clip(np.rint((out.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        n = out * np.float32(127.5) + np.float32(128.0)  # round((n + 1) * 127.5)
+        n = np.clip(np.nan_to_num(n), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        n = np.ascontiguousarray(n)
         return {
             "kind": kind,
             "encoding": "png: RGB; normal = value / 255 * 2 - 1",

@@ -465,6 +465,9 @@ def test_predict_bad_inputs_are_4xx(client, info):
         # body and image size
         "body over the limit": (http.post("/predict", content=b"x" * 400_000,
                                           headers={"content-type": "application/json"}), 413),
+        "chunked body over the limit": (http.post("/predict", content=iter([b"x" * 100_000] * 4),
+                                                  headers={"content-type": "application/json"}),
+                                        413),
         "pixels over the limit": (multipart(image=png(np.zeros((400, 400, 3), np.uint8))), 413),
         # undecodable
         "not an image": (multipart(image=b"hello world"), 415),

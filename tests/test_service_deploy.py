@@ -1,0 +1,142 @@
+"""Deployment files: docker-compose.yml (+ the GPU override), the Dockerfiles, prometheus.yml.
+
+No Docker engine runs here. The compose files are validated against the Compose
+specification's JSON schema (docker/compose-spec.json, the schema Debian's docker-compose
+1.29 validates with) and, where that `docker-compose` is installed, by `docker-compose config`
+itself; the rest is checked structurally.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+GPU = ROOT / "docker" / "compose.gpu.yml"
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def merged() -> dict:
+    """The GPU override applied on top of the base file (dicts merge, scalars replace)."""
+
+    def merge(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: merge(a.get(k), b[k]) if k in a else b[k] for k in b} | {
+                k: v for k, v in a.items() if k not in b
+            }
+        return b
+
+    return merge(load(COMPOSE), load(GPU))
+
+
+@pytest.mark.parametrize("name, config", [("cpu", load(COMPOSE)), ("gpu", merged())])
+def test_compose_files_follow_the_compose_spec(name, config):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docker" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft201909Validator(schema)  # its $schema URL is the 2019-09 draft
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    # the schema is strict enough to catch a typo
+    broken = json.loads(json.dumps(config))
+    broken["services"]["api"]["healthcheck"]["intervall"] = "10s"
+    assert any(validator.iter_errors(broken))
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_config_accepts_them():
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)]):
+        res = subprocess.run(
+            ["docker-compose", *files, "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+
+
+def test_compose_api_service():
+    api = load(COMPOSE)["services"]["api"]
+    assert api["build"]["dockerfile"] == "docker/Dockerfile"
+    assert (ROOT / api["build"]["dockerfile"]).is_file()
+    # healthcheck on /readyz
+    assert any("/readyz" in part for part in api["healthcheck"]["test"])
+    # the model store mounted read-only, and the served model inside it
+    [mount] = [v for v in api["volumes"] if v["source"] == "./model_store"]
+    assert mount["read_only"] is True and mount["type"] == "bind"
+    env = api["environment"]
+    assert env["DYMU_MODEL_DIR"].startswith(mount["target"] + "/")
+    assert env["DYMU_HOST"] == "0.0.0.0"
+    # every DYMU_ variable is a setting
+    fields = {f"DYMU_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= fields, set(env) - fields
+    port = int(env["DYMU_PORT"])
+    assert f"{port}:{port}" in api["ports"]
+
+
+def test_gpu_override_reserves_a_gpu():
+    api = merged()["services"]["api"]
+    assert api["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    [device] = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert api["environment"]["DYMU_DEVICE"] == "cuda"
+    assert api["volumes"] == load(COMPOSE)["services"]["api"]["volumes"]  # still read-only
+
+
+def test_prometheus_scrapes_the_api():
+    services = load(COMPOSE)["services"]
+    prom = services["prometheus"]
+    [mount] = prom["volumes"]
+    assert mount["source"] == "./docker/prometheus.yml" and mount["read_only"] is True
+    assert f"--config.file={mount['target']}" in prom["command"]
+    assert prom["depends_on"]["api"]["condition"] == "service_healthy"
+    config = load(ROOT / "docker" / "prometheus.yml")
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    [target] = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host == "api" and port == services["api"]["environment"]["DYMU_PORT"]
+
+
+def test_dockerfiles_install_like_the_readme():
+    makefile = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r'"torch==([0-9.]+)"', makefile).group(1)
+    assert '-e ".[dev,training,serving,onnx]"' in makefile
+    cpu = (ROOT / "docker" / "Dockerfile").read_text()
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    # CPU torch first (same pin as `make setup`), then the package with the serving extras
+    assert (
+        f'pip install "torch=={torch_pin}" --index-url https://download.pytorch.org/whl/cpu' in cpu
+    )
+    assert cpu.index("torch==") < cpu.index('pip install ".[serving,onnx]"')
+    assert f'pip install "torch=={torch_pin}"' in gpu and "onnxruntime-gpu" in gpu
+    assert '".[serving]"' in gpu and ".[serving,onnx]" not in gpu  # never two onnxruntimes
+    for text in (cpu, gpu):
+        assert "/readyz" in text and "HEALTHCHECK" in text and "EXPOSE 8000" in text
+        assert 'CMD ["serve"]' in text and "USER dymu" in text
+        for path in re.findall(r"^COPY (\S+) ", text, flags=re.M):
+            assert (ROOT / path).exists(), path
+
+
+def test_pyproject_declares_the_extras_and_the_command():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = {re.split(r"[<>=\[]", d)[0].lower() for d in extras["serving"]}
+    assert {"fastapi", "uvicorn", "pydantic-settings", "prometheus-client", "httpx"} <= names
+    assert {"python-multipart", "pillow"} <= names
+    assert {"onnx", "onnxruntime"} <= {re.split(r"[<>=]", d)[0] for d in extras["onnx"]}
+    assert project["entry-points"]["dymu.commands"]["serve"] == "service.cli:add_serve_command"
