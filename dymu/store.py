@@ -160,13 +160,16 @@ def save(
     task_affinity: Any = None,
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    input_normalization: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> Path:
     """Write ``model`` as a new version under ``store_dir`` (``model_store/<name>``), atomically.
 
     ``version`` defaults to the next ``v<n>``. ``task_affinity`` is the N x N RSA affinity
-    (DESIGN.md §2); ``training`` records the command, data seed, wall time, etc. Returns the
-    version directory.
+    (DESIGN.md §2); ``training`` records the command, data seed, wall time, etc.
+    ``input_normalization`` = ``{"mean": [...], "std": [...]}`` of [0, 1] pixels, per input
+    channel: how images must be normalized before the model sees them. Returns the version
+    directory.
     """
     root = Path(store_dir)
     if not _NAME.match(root.name):
@@ -178,6 +181,8 @@ def save(
         task_affinity = torch.as_tensor(task_affinity, dtype=torch.float64).tolist()
         if len(task_affinity) != n or any(len(row) != n for row in task_affinity):
             raise ArtifactError(f"task_affinity must be {n} x {n}")
+    if input_normalization is not None:
+        input_normalization = _check_normalization(input_normalization, model.config.in_channels)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
@@ -215,6 +220,7 @@ def save(
             },
             "control_params": model.control_params,
             "task_affinity": task_affinity,
+            "input_normalization": input_normalization,
             "training": dict(training or {}),
             "metrics": dict(metrics or {}),
             "files": files,
@@ -223,6 +229,16 @@ def save(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_normalization(norm: Mapping[str, Any], channels: int) -> dict[str, list[float]]:
+    try:
+        out = {k: [float(v) for v in norm[k]] for k in ("mean", "std")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError("input_normalization needs numeric 'mean' and 'std' lists") from exc
+    if any(len(v) != channels for v in out.values()) or min(out["std"]) <= 0:
+        raise ArtifactError(f"input_normalization needs {channels} means and positive stds")
+    return out
 
 
 def _next_version(root: Path) -> str:

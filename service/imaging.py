@@ -30,9 +30,10 @@ Image.MAX_IMAGE_PIXELS = None
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 #: Input normalization of the datasets dymu trains on: (mean, std) of [0, 1] RGB, keyed by the
-#: dataset name the manifest's training record holds (``training.data.name``). The artifact does
-#: not record its normalization itself, so the service reads it from here (a test checks these
-#: values against ``training.data``); ``DYMU_INPUT_MEAN`` / ``DYMU_INPUT_STD`` override it.
+#: dataset name the manifest's training record holds (``training.data.name``). Artifacts written
+#: by ``dymu train`` record their normalization (``input_normalization``); this table serves
+#: older artifacts that do not (a test checks it against ``training.data``).
+#: ``DYMU_INPUT_MEAN`` / ``DYMU_INPUT_STD`` override both.
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "scenes": ((0.323, 0.322, 0.322), (0.183, 0.181, 0.180)),
@@ -48,10 +49,13 @@ def normalization_for(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(mean, std, where it came from) for a model: the settings, else its dataset's, else
-    ImageNet's."""
+    """(mean, std, where it came from) for a model: the settings, else the manifest's
+    ``input_normalization``, else its dataset's, else ImageNet's."""
     if mean is not None and std is not None:
         return tuple(mean), tuple(std), "settings"
+    recorded = manifest.get("input_normalization")
+    if recorded:
+        return (tuple(mean or recorded["mean"]), tuple(std or recorded["std"]), "manifest")
     data = (manifest.get("training") or {}).get("data") or {}
     name = str(data.get("name") or "")
     found = DATASET_NORMALIZATION.get(name)

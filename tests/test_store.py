@@ -21,6 +21,7 @@ def saved(tmp_path, tiny_model) -> Path:
     return dymu.save(
         tiny_model,
         tmp_path / "tiny",
+        input_normalization={"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]},
         task_affinity=torch.eye(3),
         training={"command": "pytest", "data_seed": 7},
         metrics={"hv": 1.5},
@@ -45,6 +46,7 @@ def test_round_trip_gives_the_same_model(saved, tiny_model):
     assert m["task_affinity"] == torch.eye(3).tolist()
     assert m["training"] == {"command": "pytest", "data_seed": 7}
     assert m["metrics"] == {"hv": 1.5}
+    assert m["input_normalization"] == {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]}
     assert m["anchor_cost"]["flops"] == tiny_model.anchor_cost().flops
     assert set(m["files"]) == {*store.COMPONENTS.values(), "train_log.csv"}
     assert loaded.tasks == tiny_model.tasks
@@ -159,6 +161,8 @@ def test_bad_device_and_names(tmp_path, tiny_model, saved):
         dymu.save(tiny_model, tmp_path / "bad name!")
     with pytest.raises(ArtifactError, match="bad version"):
         dymu.save(tiny_model, tmp_path / "ok", version="latest")
+    with pytest.raises(ArtifactError, match="3 means and positive stds"):
+        dymu.save(tiny_model, tmp_path / "ok", input_normalization={"mean": [0], "std": [1]})
     with pytest.raises(ArtifactError, match="3 x 3"):
         dymu.save(tiny_model, tmp_path / "ok", task_affinity=torch.eye(2))
 

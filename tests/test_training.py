@@ -48,6 +48,13 @@ def test_all_stages_write_a_loadable_artifact(tiny_run):
     assert set(checks["flops_by_c"]) == {"0.0", "0.5", "1.0"}
     assert set(checks["one_hot_vs_single_task"]) == set(model.tasks)
     assert "train_log.csv" in m["files"]
+    # the normalization the model was trained with travels with it (the service reads it)
+    from service.imaging import normalization_for
+    from training.data import build_dataset
+
+    data = build_dataset("scenes", "train", n=1, size=(24, 32))
+    assert m["input_normalization"] == {"mean": list(data.mean), "std": list(data.std)}
+    assert normalization_for(m) == (tuple(data.mean), tuple(data.std), "manifest")
     with open(vdir / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["stage"] for r in rows} == {"anchor", "edge", "weight"}

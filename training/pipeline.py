@@ -541,4 +541,5 @@ def run_training(
         training=training,
         metrics=metrics,
         extra_files=extra,
+        input_normalization={"mean": dataset.mean, "std": dataset.std},
     )
