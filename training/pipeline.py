@@ -212,19 +212,31 @@ def load_checkpoint(run: Run) -> tuple[str, int, dict[str, torch.Tensor], Any] |
 
 
 # -- the stages -----------------------------------------------------------------------------------
-def _loop(
+LossFn = Callable[[int, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _train(
     run: Run,
     stage: str,
-    steps: int,
-    batch_size: int,
-    opt: torch.optim.Optimizer,
+    module: nn.Module,
+    cfg: Any,
     start: int,
-    step_fn: Callable[[int, dict], dict[str, float]],
+    opt_state: Any,
+    loss_fn: LossFn,
     lr_at: Callable[[int], float],
+    weight_decay: float = 0.0,
 ) -> None:
-    """The shared training loop: progress bar, log, checkpoints."""
+    """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
+
+    ``loss_fn(step, batch) -> (loss, stats)`` is all a stage supplies.
+    """
     from tqdm import tqdm
 
+    module.train().requires_grad_(True)
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+    if opt_state is not None:
+        _restore_optimizer(opt, *opt_state)
+    steps = cfg.steps
     bar = tqdm(
         total=steps,
         initial=start,
@@ -233,10 +245,14 @@ def _loop(
         dynamic_ncols=True,
         unit="step",
     )
-    for step, batch in enumerate(run.batches(stage, start, steps, batch_size), start=start):
+    for step, batch in enumerate(run.batches(stage, start, steps, cfg.batch_size), start=start):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        stats = step_fn(step, batch)
+        loss, stats = loss_fn(step, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = {"loss": loss.item(), **stats}
         if not all(math.isfinite(v) for v in stats.values()):
             raise DymuError(f"stage {stage}: non-finite loss at step {step}: {stats}")
         bar.update(1)
@@ -260,6 +276,7 @@ def _loop(
         if (step + 1) % run.config.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(run, stage, step + 1, opt)
     bar.close()
+    _freeze(module)
 
 
 _LOG_FIELDS = ("loss", "task_loss", "omega", "active_loss", "inactive_loss", "zeta")
@@ -272,22 +289,24 @@ def _task_stats(per_task: dict[str, torch.Tensor]) -> dict[str, float]:
 def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
     cfg, anchor = run.config.anchor, run.model.anchor
-    anchor.train().requires_grad_(True)
-    opt = torch.optim.Adam(anchor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if opt_state is not None:
-        _restore_optimizer(opt, *opt_state)
 
-    def step_fn(step: int, batch: dict) -> dict[str, float]:
+    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with run.autocast():
             out = anchor(batch["image"])
         total, per_task = weighted_task_loss(run.tasks, out, batch, None)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        return {"loss": total.item(), **_task_stats(per_task)}
+        return total, _task_stats(per_task)
 
-    _loop(run, "anchor", cfg.steps, cfg.batch_size, opt, start, step_fn, lambda s: cfg.lr)
-    anchor.eval()
+    _train(
+        run,
+        "anchor",
+        anchor,
+        cfg,
+        start,
+        opt_state,
+        loss_fn,
+        lambda s: cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 @torch.no_grad()
@@ -324,63 +343,34 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (DESIGN.md §2)."""
     cfg, model = run.config.edge, run.model
     _freeze(model.anchor)
-    hyper = model.edge_hypernet.train().requires_grad_(True)
-    opt = torch.optim.Adam(hyper.parameters(), lr=cfg.lr)
-    if opt_state is not None:
-        _restore_optimizer(opt, *opt_state)
+    hyper = model.edge_hypernet
     n = model.n_tasks
     tau = cfg.tau if cfg.tau is not None else 0.6 / n
     switches = RegularizerSwitches(
         cfg.inactive_loss, cfg.layer_weighting, cfg.affinity, cfg.dichotomy
     )
-    affinity = run.affinity if run.affinity is not None else torch.ones(n, n)
+    affinity = (run.affinity if run.affinity is not None else torch.ones(n, n)).to(run.device)
 
-    def step_fn(step: int, batch: dict) -> dict[str, float]:
+    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         gen = step_generator(run.config.seed, "edge-pref", step)
         r, c = sample_preference(n, cfg.eta, gen)
+        r = r.to(run.device)
         zeta = gumbel_temperature(
             step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
         )
-        logits = hyper(r.to(run.device), c.to(run.device))
+        logits = hyper(r, c.to(run.device))
         nu = _gumbel_softmax(logits, zeta, gen)
         with run.autocast():
             out = model.anchor.forward_soft(batch["image"], list(nu))
-        task_total, per_task = weighted_task_loss(run.tasks, out, batch, r.to(run.device))
+        task_total, per_task = weighted_task_loss(run.tasks, out, batch, r)
         probs = torch.softmax(logits.float(), dim=-1)
         omega, reg = branching_regularizer(
-            list(probs),
-            r.to(run.device),
-            c,
-            affinity.to(run.device),
-            tau,
-            cfg.lambda_active,
-            cfg.lambda_inactive,
-            switches,
+            list(probs), r, c, affinity, tau, cfg.lambda_active, cfg.lambda_inactive, switches
         )
-        loss = task_total + omega
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {
-            "loss": loss.item(),
-            "task_loss": task_total.item(),
-            "omega": omega.item(),
-            "zeta": zeta,
-            **reg,
-            **_task_stats(per_task),
-        }
+        stats = {"task_loss": task_total.item(), "omega": omega.item(), "zeta": zeta, **reg}
+        return task_total + omega, {**stats, **_task_stats(per_task)}
 
-    _loop(
-        run,
-        "edge",
-        cfg.steps,
-        cfg.batch_size,
-        opt,
-        start,
-        step_fn,
-        cfg.lr_at,
-    )
-    _freeze(hyper)
+    _train(run, "edge", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at)
 
 
 def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
@@ -388,13 +378,10 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
     cfg, model = run.config.weight, run.model
     _freeze(model.anchor)
     _freeze(model.edge_hypernet)
-    hyper = model.weight_hypernet.train().requires_grad_(True)
-    opt = torch.optim.Adam(hyper.parameters(), lr=cfg.lr)
-    if opt_state is not None:
-        _restore_optimizer(opt, *opt_state)
+    hyper = model.weight_hypernet
     n = model.n_tasks
 
-    def step_fn(step: int, batch: dict) -> dict[str, float]:
+    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         gen = step_generator(run.config.seed, "weight-pref", step)
         r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
         with torch.no_grad():
@@ -403,22 +390,9 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
         with run.autocast():
             out = model.anchor.forward_tree(batch["image"], arch, deltas)
         total, per_task = weighted_task_loss(run.tasks, out, batch, r)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        return {"loss": total.item(), **_task_stats(per_task)}
+        return total, _task_stats(per_task)
 
-    _loop(
-        run,
-        "weight",
-        cfg.steps,
-        cfg.batch_size,
-        opt,
-        start,
-        step_fn,
-        cfg.lr_at,
-    )
-    _freeze(hyper)
+    _train(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at)
 
 
 # -- the whole run --------------------------------------------------------------------------------
