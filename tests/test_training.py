@@ -128,6 +128,25 @@ def test_a_run_dir_with_a_checkpoint_needs_resume(tmp_path):
         )
 
 
+def test_regularizer_on_gumbel_samples_trains(tmp_path):
+    """The `regularize_samples` variant of stage 1 runs end to end, and the switch matters."""
+    base = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
+    states = []
+    for samples in (True, False):
+        edge = base.edge.model_copy(update={"regularize_samples": samples, "lambda_active": 50.0})
+        config = base.model_copy(update={"edge": edge})
+        vdir = run_training(
+            config,
+            tmp_path / f"s{samples}" / "m",
+            run_dir=tmp_path / f"r{samples}",
+            device="cpu",
+            progress=False,
+            stages=("anchor", "affinity", "edge"),
+        )
+        states.append(dymu.load(vdir, device="cpu").edge_hypernet.state_dict())
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_every_config_validates():
     names = available_configs()
     assert {

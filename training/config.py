@@ -77,6 +77,11 @@ class EdgeStage(HypernetStage):
     lambda_active: float = Field(default=1.0, ge=0)
     lambda_inactive: float = Field(default=0.1, ge=0)
     tau: float | None = Field(default=None, gt=0, description="default 0.6 / N")
+    regularize_samples: bool = Field(
+        default=False,
+        description="compute the branching regularizer and P_use on the Gumbel-softmax samples "
+        "nu instead of softmax(logits) (the shipped scenes-small used softmax(logits))",
+    )
     # Ablation switches (Table 6).
     inactive_loss: bool = True
     layer_weighting: bool = True

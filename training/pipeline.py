@@ -363,7 +363,7 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
         with run.autocast():
             out = model.anchor.forward_soft(batch["image"], list(nu))
         task_total, per_task = weighted_task_loss(run.tasks, out, batch, r)
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = nu.float() if cfg.regularize_samples else torch.softmax(logits.float(), dim=-1)
         omega, reg = branching_regularizer(
             list(probs), r, c, affinity, tau, cfg.lambda_active, cfg.lambda_inactive, switches
         )
