@@ -128,23 +128,29 @@ def test_a_run_dir_with_a_checkpoint_needs_resume(tmp_path):
         )
 
 
-def test_regularizer_on_gumbel_samples_trains(tmp_path):
-    """The `regularize_samples` variant of stage 1 runs end to end, and the switch matters."""
+def test_stage1_variants_train_and_matter(tmp_path):
+    """`regularize_samples` and `logit_bound` run end to end, and each changes the result."""
     base = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
-    states = []
-    for samples in (True, False):
-        edge = base.edge.model_copy(update={"regularize_samples": samples, "lambda_active": 50.0})
+    variants = {
+        "plain": {},
+        "samples": {"regularize_samples": True},
+        "bound": {"logit_bound": 1.5},
+    }
+    states = {}
+    for name, update in variants.items():
+        edge = base.edge.model_copy(update={"lambda_active": 50.0, **update})
         config = base.model_copy(update={"edge": edge})
         vdir = run_training(
             config,
-            tmp_path / f"s{samples}" / "m",
-            run_dir=tmp_path / f"r{samples}",
+            tmp_path / name / "m",
+            run_dir=tmp_path / f"run-{name}",
             device="cpu",
             progress=False,
             stages=("anchor", "affinity", "edge"),
         )
-        states.append(dymu.load(vdir, device="cpu").edge_hypernet.state_dict())
-    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+        states[name] = dymu.load(vdir, device="cpu").edge_hypernet.state_dict()
+    for name in ("samples", "bound"):
+        assert any(not torch.equal(states[name][k], states["plain"][k]) for k in states[name])
 
 
 def test_every_config_validates():

@@ -82,6 +82,12 @@ class EdgeStage(HypernetStage):
         description="compute the branching regularizer and P_use on the Gumbel-softmax samples "
         "nu instead of softmax(logits) (the shipped scenes-small used softmax(logits))",
     )
+    logit_bound: float | None = Field(
+        default=None,
+        gt=0,
+        description="train on b*tanh(logits/b): keeps the parent distributions off saturation so "
+        "the regularizer's gradient does not vanish; arg-max (inference) is unchanged",
+    )
     # Ablation switches (Table 6).
     inactive_loss: bool = True
     layer_weighting: bool = True

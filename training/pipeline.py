@@ -359,6 +359,8 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
             step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
         )
         logits = hyper(r, c.to(run.device))
+        if cfg.logit_bound is not None:  # monotonic: the arg-max tree is unchanged
+            logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
         nu = _gumbel_softmax(logits, zeta, gen)
         with run.autocast():
             out = model.anchor.forward_soft(batch["image"], list(nu))
