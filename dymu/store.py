@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .device import resolve_device
 from .errors import ArtifactError
 from .model import ControllableModel, describe
 
@@ -268,25 +269,13 @@ def _publish(root: Path, tmp: Path, manifest: dict[str, Any], version: str | Non
     raise ArtifactError(f"could not find a free version under {root}")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ArtifactError(f"bad device {device!r}: use auto, cpu or cuda[:i]") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError("device 'cuda' was asked for but no CUDA device is available")
-    return dev
-
-
 def load(path: str | os.PathLike, device: str | torch.device = "auto") -> ControllableModel:
     """Load and verify an artifact (a version directory, or ``model_store/<name>`` = newest).
 
     Every file's sha256 is checked before anything is built; the model is returned in eval
     mode on ``device`` ("auto" = CUDA when available, else CPU).
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device, error=ArtifactError)
     vdir = resolve(path)
     manifest = read_manifest(vdir, verify=True)
     try:

@@ -30,6 +30,7 @@ from torch import nn
 import dymu
 from dymu.architecture import Architecture
 from dymu.config import ModelConfig, TaskSpec
+from dymu.device import resolve_device
 from dymu.errors import ConfigError, DymuError
 
 from .branching import (
@@ -56,16 +57,6 @@ def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + _STREAM_ID[stage] * 7_919 + step) % (2**63 - 1)
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(device)
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
