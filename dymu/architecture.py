@@ -140,6 +140,11 @@ class Architecture:
         """The used nodes as ``(layer, stream)`` pairs, in topological order."""
         return [(l, j) for l, streams in enumerate(self.used_nodes(tasks)) for j in streams]
 
+    def one_hot_nu(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The tree as L-1 one-hot (N, N) parent distributions, the ``nu`` of the soft forward."""
+        eye = torch.eye(self.n_tasks, device=device)
+        return [eye[list(row)] for row in self.parents]
+
     def num_used_nodes(self, tasks: Iterable[int] | None = None) -> int:
         return sum(len(u) for u in self.used_nodes(tasks))
 

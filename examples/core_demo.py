@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dymu
@@ -46,9 +45,7 @@ def main() -> None:
         net = model.materialize(r, c)
         t_mat = time.perf_counter() - t0
         arch = net.architecture
-        nu = [
-            F.one_hot(torch.tensor(row), model.n_tasks).float().to(x.device) for row in arch.parents
-        ]
+        nu = arch.one_hot_nu(x.device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             out = net(x)
         with torch.no_grad():

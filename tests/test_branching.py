@@ -37,7 +37,7 @@ def test_usage_probability_three_layers_one_hot_equals_used_nodes():
     from dymu.architecture import Architecture
 
     arch = Architecture.from_parents([[0, 0, 2], [1, 1, 0]])
-    nus = [torch.nn.functional.one_hot(torch.tensor(row), 3).float() for row in arch.parents]
+    nus = arch.one_hot_nu()
     use = usage_probability(nus)
     for l, streams in enumerate(arch.used_nodes()):
         assert use[l].tolist() == [1.0 if j in streams else 0.0 for j in range(3)]

@@ -3,7 +3,6 @@
 import random
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dymu
@@ -24,9 +23,7 @@ def test_store_load_and_100_random_preferences(tmp_path):
         c = rng.random()
         net = loaded.materialize(r, c)
         trees.add(net.architecture.id)
-        nu = [
-            F.one_hot(torch.tensor(row), loaded.n_tasks).float() for row in net.architecture.parents
-        ]
+        nu = net.architecture.one_hot_nu()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             out = net(x)
         with torch.no_grad():

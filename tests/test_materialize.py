@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,7 +14,7 @@ from .conftest import randomize_, tiny_config
 
 
 def one_hot_nu(arch: Architecture) -> list[torch.Tensor]:
-    return [F.one_hot(torch.tensor(row), arch.n_tasks).float() for row in arch.parents]
+    return arch.one_hot_nu()
 
 
 def soft_reference(model, arch, r, c, x, tasks=None, adapt=True):
