@@ -12,6 +12,9 @@ from training.branching import (
     gumbel_temperature,
     inactive_loss,
     layer_weight,
+    merge_probability,
+    path_active_loss,
+    path_inactive_loss,
     sample_preference,
     task_affinity,
     task_dichotomy,
@@ -89,28 +92,89 @@ def test_task_dichotomy_and_the_empty_active_case():
     assert task_dichotomy(r, 0.25, enabled=False) == ([0, 1, 2], [])
 
 
-def test_branching_regularizer_combines_the_terms():
+@pytest.mark.parametrize("reading", ["path", "stream"])
+def test_branching_regularizer_combines_the_terms(reading):
+    # Every path keeps to its own stream, so both readings give the same numbers.
     probs = [E.clone(), E.clone()]
     aff = torch.full((3, 3), 0.5)
     r = torch.tensor([0.45, 0.45, 0.1])
     omega, stats = branching_regularizer(
-        probs, r, 0.5, aff, tau=0.2, lambda_active=1.0, lambda_inactive=0.1
+        probs, r, 0.5, aff, tau=0.2, lambda_active=1.0, lambda_inactive=0.1, reading=reading
     )
-    assert stats["active_loss"] == pytest.approx(2 / 3) and stats["inactive_loss"] == 4.0
+    assert stats["active_loss"] == pytest.approx(2 / 3)
+    assert stats["inactive_loss"] == pytest.approx(4.0)
     assert float(omega) == pytest.approx(0.5 * 2 / 3 + 0.1 * 4.0)
-    omega0, _ = branching_regularizer(probs, r, 0.0, aff, tau=0.2)
+    omega0, _ = branching_regularizer(probs, r, 0.0, aff, tau=0.2, reading=reading)
     assert float(omega0) == pytest.approx(0.4)  # c = 0: only the inactive term
     off, _ = branching_regularizer(
-        probs, r, 0.5, aff, tau=0.2, switches=RegularizerSwitches(inactive_loss=False)
+        probs, r, 0.5, aff, tau=0.2, switches=RegularizerSwitches(inactive_loss=False),
+        reading=reading,
     )
     assert float(off) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="reading"):
+        branching_regularizer(probs, r, 0.5, aff, tau=0.2, reading="nodes")
 
 
-def test_regularizer_gradient_reaches_the_logits():
+def _tree(*parents):
+    """Hard parent choices per boundary (child stream -> parent stream), as probs."""
+    return [torch.nn.functional.one_hot(torch.tensor(p), 3).float() for p in parents]
+
+
+def test_merge_probability_on_hard_trees():
+    assert [float(m) for m in merge_probability(_tree([0, 1, 2], [0, 1, 2]), 0, 1)] == [0, 0]
+    # child (2, 1) reads node (1, 0): the paths of tasks 0 and 1 meet at layer 1 and stay met
+    assert [float(m) for m in merge_probability(_tree([0, 1, 2], [0, 0, 2]), 0, 1)] == [1, 1]
+    # they meet at layer 0 only
+    assert [float(m) for m in merge_probability(_tree([2, 2, 2], [0, 1, 2]), 0, 1)] == [1, 0]
+
+
+def test_merge_probability_by_hand_and_by_sampling():
+    # One boundary, two tasks: the paths meet iff both children pick the same parent.
+    nu = torch.tensor([[0.7, 0.3, 0.0], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    (m,) = merge_probability([nu], 0, 1)
+    assert float(m) == pytest.approx(0.7 * 0.4 + 0.3 * 0.6)
+    # Three boundaries of soft choices against 20,000 sampled trees.
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(2 * torch.randn(3, 3, generator=g), -1) for _ in range(3)]
+    exact = torch.stack(merge_probability(probs, 0, 2))
+    draws = 20_000
+    a, b = torch.zeros(draws, dtype=torch.long), torch.full((draws,), 2)
+    met = torch.zeros(3)
+    for layer in (2, 1, 0):
+        choice = torch.multinomial(probs[layer], draws, replacement=True, generator=g)  # (3, D)
+        a, b = choice[a, torch.arange(draws)], choice[b, torch.arange(draws)]
+        met[layer] = (a == b).float().mean()
+    assert torch.allclose(exact, met, atol=0.015)
+
+
+def test_path_reading_closes_the_stream_loophole():
+    # Task 0 leaves its stream for the inactive task 2's nodes below the top; task 1 keeps to
+    # stream 1: the paths never meet, yet the stream reading sees no divergence (node (l, 0)
+    # is unused below the top, so its pair term has weight 0).
+    probs = _tree([0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 1, 2])
+    r = torch.tensor([0.45, 0.45, 0.1])
+    use = usage_probability(probs)
+    assert float(active_loss(probs, use, [0, 1], None)) == 0.0
+    weights = sum(layer_weight(b, 5) for b in range(4))  # 3/5 + 2/5 + 1/5 + 0
+    assert float(path_active_loss(probs, [0, 1], None)) == pytest.approx(2 * 2 * weights)
+    # the inactive task 2 follows task 0's path all the way down: nothing to pay
+    assert float(path_inactive_loss(probs, [0, 1], [2])) == 0.0
+    _, stats = branching_regularizer(probs, r, 1.0, None, tau=0.2)
+    assert stats["active_loss"] == pytest.approx(4 * weights)
+
+
+def test_path_losses_vanish_on_the_fully_shared_tree():
+    probs = _tree([1, 1, 1], [1, 1, 1], [1, 1, 1])
+    assert float(path_active_loss(probs, [0, 1, 2], torch.ones(3, 3))) == 0.0
+    assert float(path_inactive_loss(probs, [0], [1, 2])) == 0.0
+
+
+@pytest.mark.parametrize("reading", ["path", "stream"])
+def test_regularizer_gradient_reaches_the_logits(reading):
     logits = torch.randn(2, 3, 3, requires_grad=True)
     probs = list(torch.softmax(logits, -1))
     omega, _ = branching_regularizer(
-        probs, torch.tensor([0.4, 0.4, 0.2]), 1.0, torch.ones(3, 3), tau=0.3
+        probs, torch.tensor([0.4, 0.4, 0.2]), 1.0, torch.ones(3, 3), tau=0.3, reading=reading
     )
     omega.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0

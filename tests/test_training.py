@@ -129,12 +129,13 @@ def test_a_run_dir_with_a_checkpoint_needs_resume(tmp_path):
 
 
 def test_stage1_variants_train_and_matter(tmp_path):
-    """`regularize_samples` and `logit_bound` run end to end, and each changes the result."""
+    """The stream reading, `regularize_samples` and `logit_bound` each change the result."""
     base = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
     variants = {
         "plain": {},
         "samples": {"regularize_samples": True},
         "bound": {"logit_bound": 1.5},
+        "stream": {"regularizer": "stream"},
     }
     states = {}
     for name, update in variants.items():
@@ -149,7 +150,7 @@ def test_stage1_variants_train_and_matter(tmp_path):
             stages=("anchor", "affinity", "edge"),
         )
         states[name] = dymu.load(vdir, device="cpu").edge_hypernet.state_dict()
-    for name in ("samples", "bound"):
+    for name in ("samples", "bound", "stream"):
         assert any(not torch.equal(states[name][k], states["plain"][k]) for k in states[name])
 
 
@@ -207,5 +208,34 @@ def test_dymu_train_cli(tmp_path):
     m = dymu.load(tmp_path / "store" / "t", device="cpu").manifest
     assert m["training"]["command"].startswith("dymu train scenes-tiny")
     assert m["training"]["config"]["anchor"]["steps"] == 6
+    # --anchor-from: the controller is retrained on the streams of an existing artifact
+    again = subprocess.run(
+        [
+            str(exe),
+            "train",
+            "scenes-tiny",
+            "--out",
+            str(tmp_path / "store" / "t"),
+            "--run-dir",
+            str(tmp_path / "run2"),
+            "--device",
+            "cpu",
+            "--steps-scale",
+            "0.5",
+            "--quiet",
+            "--anchor-from",
+            str(tmp_path / "store" / "t" / "v1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    first = dymu.load(tmp_path / "store" / "t" / "v1", device="cpu")
+    second = dymu.load(tmp_path / "store" / "t" / "v2", device="cpu")
+    assert "anchor" not in second.manifest["training"]["stages"]
+    assert second.manifest["training"]["config"]["anchor"]["pretrained"].endswith("v1")
+    for key, value in first.anchor.state_dict().items():
+        assert torch.equal(value, second.anchor.state_dict()[key]), key
     bad = subprocess.run([str(exe), "train", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("dymu: error: no config")

@@ -134,6 +134,72 @@ def inactive_loss(
     return total
 
 
+def merge_probability(probs: Sequence[torch.Tensor], i: int, j: int) -> list[torch.Tensor]:
+    """P(the paths of tasks i and j pass through the same node of layer b), b = 0..L-2.
+
+    Exact for the tree distribution in which every child picks its parent independently: a
+    joint Markov chain over the pair of nodes (a, b) the two paths occupy, walked top down from
+    (i, j). Apart, the two children choose independently (J' = P^T J P); merged, they share one
+    choice and stay merged (J'[x, x] += sum_a J[a, a] P[a, x]).
+    """
+    n = probs[0].shape[-1]
+    joint = probs[0].new_zeros(n, n)
+    joint[i, j] = 1.0
+    merged: list[torch.Tensor] = []
+    for nu in reversed(probs):
+        together = joint.diagonal()
+        joint = nu.T @ (joint - torch.diag(together)) @ nu + torch.diag(together @ nu)
+        merged.append(joint.diagonal().sum())
+    return list(reversed(merged))
+
+
+def path_active_loss(
+    probs: Sequence[torch.Tensor],
+    active: Sequence[int],
+    affinity: torch.Tensor | None,
+    switches: RegularizerSwitches = RegularizerSwitches(),
+) -> torch.Tensor:
+    """L_active read along the tasks' own paths (dymu's default; docs/training.md).
+
+    sum_l sum_{i!=j in A} (L-l)/L A(i,j) 2 (1 - P(paths i, j meet at layer l-1)). The stream
+    reading (:func:`active_loss`) compares child (l, i) with child (l, j) by stream index, so
+    two active paths that leave their own streams (through an inactive task's nodes) escape
+    it and still diverge; following each task's path closes that gap. Where every path stays
+    in its own stream until it merges, the two readings agree: ||nu_i - nu_j||^2 = 2 (1 - m).
+    """
+    n_layers = len(probs) + 1
+    total = probs[0].new_zeros(()) if probs else torch.zeros(())
+    use_aff = affinity is not None and switches.affinity
+    for i in active:
+        for j in active:
+            if i == j:
+                continue
+            pair = affinity[i, j].to(total) if use_aff else total.new_ones(())
+            for b, m in enumerate(merge_probability(probs, i, j)):
+                weight = layer_weight(b, n_layers, switches.layer_weighting)
+                total = total + weight * pair * 2 * (1 - m)
+    return total
+
+
+def path_inactive_loss(
+    probs: Sequence[torch.Tensor], active: Sequence[int], inactive: Sequence[int]
+) -> torch.Tensor:
+    """L_inactive along paths: sum_l sum_{j in I} min_{i in A} 2 (1 - P(paths j, i meet at l)).
+
+    The factor 2 makes both path terms equal the stream terms on hard trees whose paths keep
+    to their own streams (||e_a - e_b||^2 = 2), so lambda_A and lambda_I keep their scale.
+    """
+    total = probs[0].new_zeros(()) if probs else torch.zeros(())
+    if not inactive or not active:
+        return total
+    for j in inactive:
+        apart = torch.stack(
+            [torch.stack([2 * (1 - m) for m in merge_probability(probs, j, i)]) for i in active]
+        )  # (|A|, L-1)
+        total = total + apart.min(dim=0).values.sum()
+    return total
+
+
 def branching_regularizer(
     probs: Sequence[torch.Tensor],
     r: torch.Tensor,
@@ -143,12 +209,25 @@ def branching_regularizer(
     lambda_active: float = 1.0,
     lambda_inactive: float = 0.1,
     switches: RegularizerSwitches = RegularizerSwitches(),
+    reading: str = "path",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Omega(r, c) = c * lambda_A * L_active + lambda_I * L_inactive (DESIGN.md §2)."""
+    """Omega(r, c) = c * lambda_A * L_active + lambda_I * L_inactive (DESIGN.md §2).
+
+    ``reading`` = "path" (default) follows each task's path; "stream" is DESIGN.md's literal
+    stream-indexed form with the children's P_use.
+    """
     active, inactive = task_dichotomy(r, tau, switches.dichotomy)
-    use = usage_probability(probs)
-    l_act = active_loss(probs, use, active, affinity, switches)
-    l_inact = inactive_loss(probs, active, inactive) if switches.inactive_loss else l_act * 0
+    if reading == "path":
+        l_act = path_active_loss(probs, active, affinity, switches)
+        l_inact = path_inactive_loss(probs, active, inactive)
+    elif reading == "stream":
+        use = usage_probability(probs)
+        l_act = active_loss(probs, use, active, affinity, switches)
+        l_inact = inactive_loss(probs, active, inactive)
+    else:
+        raise ValueError(f"unknown regularizer reading {reading!r}; use 'path' or 'stream'")
+    if not switches.inactive_loss:
+        l_inact = l_act * 0
     omega = float(c) * lambda_active * l_act + lambda_inactive * l_inact
     return omega, {
         "active_loss": float(l_act.detach()),

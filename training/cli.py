@@ -16,6 +16,10 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.steps_scale != 1.0:
         config = config.scaled(args.steps_scale)
+    if args.anchor_from is not None:
+        # retrain the controller on existing streams: stage 0 is skipped (`anchor.pretrained`)
+        anchor = config.anchor.model_copy(update={"pretrained": str(args.anchor_from)})
+        config = config.model_copy(update={"anchor": anchor})
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     out = args.out or Path("model_store") / config.name
     command = "dymu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -77,6 +81,14 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="stop (with a checkpoint) after this many optimizer steps",
+    )
+    p.add_argument(
+        "--anchor-from",
+        type=Path,
+        default=None,
+        metavar="ARTIFACT",
+        help="take the single-task streams from this artifact (skips stage 0; sets "
+        "anchor.pretrained)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)

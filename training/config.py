@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -87,6 +87,11 @@ class EdgeStage(HypernetStage):
         gt=0,
         description="train on b*tanh(logits/b): keeps the parent distributions off saturation so "
         "the regularizer's gradient does not vanish; arg-max (inference) is unchanged",
+    )
+    regularizer: Literal["path", "stream"] = Field(
+        default="path",
+        description="read L_active / L_inactive along each task's path (default) or by stream "
+        "index as DESIGN.md writes it (docs/training.md, 'The branching regularizer')",
     )
     # Ablation switches (Table 6).
     inactive_loss: bool = True
