@@ -389,7 +389,8 @@ function syncControls() {
     const out = $(`r-slider-${j}-value`);
     if (out) out.textContent = v.toFixed(2);
   });
-  if (document.activeElement !== $("r-text")) $("r-text").value = state.r.map((v) => +v.toFixed(4)).join(", ");
+  // a field being typed into keeps its text until it is submitted
+  if (document.activeElement !== $("r-text")) showRText();
   $("c-slider").value = state.c;
   $("c-value").textContent = state.c.toFixed(2);
   const handle = $("picker-handle");
@@ -402,6 +403,10 @@ function syncControls() {
       state.tasks.map((t, j) => `${t} ${state.r[j].toFixed(2)}`).join(", "));
   }
   drawCostMap();
+}
+
+function showRText() {
+  $("r-text").value = state.r.map((v) => +v.toFixed(4)).join(", ");
 }
 
 function toggleTask(j, box) {
@@ -466,6 +471,7 @@ async function applyPreference(rawR) {
     if (rawR !== null) {
       state.r = body.r;
       syncControls();
+      showRText(); // the normalized r replaces what was typed
     }
     renderRecord(body, ms);
     writeHash();
@@ -531,7 +537,6 @@ function renderTree(container, arch, { legend = null, compact = false } = {}) {
   const H = (L + 1) * rowH + 30;
   const x = (j) => 10 + j * colW + colW / 2;
   const y = (l) => 18 + (L - l) * rowH; // layer L = the heads' row, -1 = the image
-  const svg = s("svg", {
   const titleId = `${container.id || "tree"}-title`;
   const svg = s("svg", {
     viewBox: `0 0 ${W} ${H}`, role: "img", "aria-labelledby": titleId, "data-architecture": arch.id,
