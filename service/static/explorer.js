@@ -607,9 +607,9 @@ function renderTree(container, arch, { legend = null, compact = false } = {}) {
   }
   for (let j = 0; j < n; j++) {
     const on = heads.includes(j);
-    const name = state.tasks[j].length > 10 ? `${state.tasks[j].slice(0, 9)}…` : state.tasks[j];
+    const name = state.tasks[j].length > 12 ? `${state.tasks[j].slice(0, 11)}…` : state.tasks[j];
     nodes.append(s("text", {
-      x: x(j), y: y(L) + 4, "text-anchor": "middle", "font-size": 12,
+      x: x(j), y: y(L) + 4, "text-anchor": "middle", "font-size": 11,
       "font-weight": on ? 700 : 400, fill: on ? taskColor(j) : "#b0b6c2", "data-head": j,
     }, name));
   }
