@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import dymu
 from dymu.architecture import Architecture
 from service.client import DymuClient
 from service.server import BackgroundServer
 
 from .browser import ARTIFACTS, Browser, Page, chromium, expect, missing_browser
-from .test_service import TASKS, png, random_image, running, save_tiny
+from .conftest import randomize_, tiny_config
+from .test_service import HW, TASKS, png, random_image, running, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "service" / "example.png"
@@ -47,6 +50,17 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[BackgroundServer]:
     store = save_tiny(tmp_path_factory.mktemp("explorer"))
+    with running(store) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server4(tmp_path_factory) -> Iterator[BackgroundServer]:
+    """A second tiny model with 4 tasks, the last a classification: no triangle for its r."""
+    torch.manual_seed(1)
+    model = randomize_(dymu.create_model(tiny_config(n_tasks=4, input_size=HW)), seed=1)
+    store = tmp_path_factory.mktemp("explorer4") / "tiny4"
+    dymu.save(model, store)
     with running(store) as srv:
         yield srv
 
@@ -376,6 +390,41 @@ def test_layout_fits_the_viewport(browser, server, width, height):
         assert overflow["out"] == [], overflow
         page.screenshot(path=ARTIFACTS / f"explorer-{width}x{height}.png")
         page.screenshot(path=ARTIFACTS / f"explorer-{width}x{height}-full.png", full_page=True)
+    finally:
+        context.close()
+    assert not foreign and not errors, (foreign, errors)
+
+
+def test_four_tasks_get_simplex_sliders_a_cost_histogram_and_a_label(browser, server4):
+    context, page, foreign, errors = open_page(browser, server4, 1280, 800)
+    try:
+        with DymuClient(server4.url, timeout=30) as api:
+            tasks = [t.name for t in api.model().tasks]
+            assert tasks == [*TASKS, "label"]
+            expect(page.locator("#picker")).to_be_hidden()  # sliders only beyond 3 tasks
+            label = page.get_by_role("slider", name="label", exact=True)
+            label.focus()
+            label.press("End")
+            for _ in range(10):
+                label.press("ArrowLeft")  # 0.90; the other three share the 0.10
+            r, c = page_preference(page)
+            assert r[3] == 0.9 and sum(r) == pytest.approx(1.0, abs=1e-12) and min(r) > 0
+            record = api.create_preference(r, c)
+            expect_shows(page, record)
+            # no 2-D simplex: a histogram over the grid the page asks for (<= 2,000 points)
+            cmap = api.cost_map(c=c, resolution=20)
+            expect(page.locator("#costmap")).to_have_attribute("data-points", str(cmap.n_points))
+            page.get_by_role("button", name="Use the sample image").click()
+            box = page.locator("#prediction")
+            expect(box).to_have_attribute("data-preference-id", record.preference_id)
+            result = api.predict(SAMPLE, preference_id=record.preference_id)
+            label_out = result.encoded["label"]
+            expect(page.get_by_test_id("map-label")).to_have_attribute(
+                "data-label", str(label_out["label"])
+            )
+            for task in TASKS:
+                expect(page.get_by_test_id(f"map-{task}")).to_be_visible()
+            page.screenshot(path=ARTIFACTS / "explorer-4-tasks.png", full_page=True)
     finally:
         context.close()
     assert not foreign and not errors, (foreign, errors)

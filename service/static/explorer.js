@@ -145,21 +145,26 @@ const TRI = {
       }
       b = this.barycentric(...best.p);
     }
-    b = b.map((v) => Math.max(0, v));
-    const sum = b.reduce((a, v) => a + v, 0);
-    return b.map((v) => Math.round((v / sum) * 1e4) / 1e4);
+    return b.map((v) => Math.max(0, v));
   },
 };
 
-/** Index of the grid point {k / res} nearest to r (largest-remainder rounding onto the grid). */
-function gridKey(r, res) {
-  const raw = r.map((v) => v * res);
+/** The grid point {k / res} nearest to r, as the integers k (largest-remainder rounding). */
+function gridUnits(r, res) {
+  const sum = r.reduce((a, v) => a + v, 0);
+  const raw = r.map((v) => (v / sum) * res);
   const k = raw.map(Math.floor);
-  let left = res - k.reduce((a, v) => a + v, 0);
+  const left = res - k.reduce((a, v) => a + v, 0);
   const order = raw.map((v, i) => [v - Math.floor(v), i]).sort((a, b) => b[0] - a[0]);
   for (let n = 0; n < left; n++) k[order[n][1]] += 1;
-  return k.join(",");
+  return k;
 }
+
+const gridKey = (r, res) => gridUnits(r, res).join(",");
+
+// The page keeps r in steps of 1e-4 that sum to exactly 1: what it shows is what it posts.
+const R_STEPS = 10000;
+const quantize = (r) => gridUnits(r, R_STEPS).map((k) => k / R_STEPS);
 
 function binom(n, k) {
   let out = 1;
@@ -264,6 +269,10 @@ function buildControls() {
     sw.style.background = taskColor(Number(sw.dataset.color));
   }
   if (N() === 3) buildPicker();
+  else {
+    $("pref-hint").textContent = "Set the sliders (moving one rescales the others, so r stays " +
+      "on the simplex), or type the weights.";
+  }
 
   $("r-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -377,7 +386,7 @@ function setWeight(j, v) {
 }
 
 function setR(r) {
-  state.r = r;
+  state.r = quantize(r);
   syncControls();
   schedulePreference();
 }
@@ -406,7 +415,7 @@ function syncControls() {
 }
 
 function showRText() {
-  $("r-text").value = state.r.map((v) => +v.toFixed(4)).join(", ");
+  $("r-text").value = state.r.map((v) => +v.toFixed(6)).join(", ");
 }
 
 function toggleTask(j, box) {
@@ -441,7 +450,7 @@ function readHash() {
 }
 
 function writeHash() {
-  const parts = [`r=${state.r.map((v) => +v.toFixed(4)).join(",")}`, `c=${state.c}`];
+  const parts = [`r=${state.r.map((v) => +v.toFixed(6)).join(",")}`, `c=${state.c}`];
   if (!allSelected()) parts.push(`tasks=${subsetIdx().map((j) => state.tasks[j]).join(",")}`);
   history.replaceState(null, "", `#${parts.join("&")}`);
 }
