@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The browser tests drive Debian's Chromium; Playwright must never download a browser of its own.
+CHROMIUM ?= /usr/bin/chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup demo test lint test-slow bench clean
+.PHONY: setup browser demo test lint test-slow bench screenshots clean
 
 setup: $(STAMP)
 
@@ -24,6 +27,7 @@ MODEL_DIR ?= model_store/scenes-small
 
 demo: setup
 	@echo "dymu demo: serving $(MODEL_DIR) on http://$(HOST):$(PORT)"
+	@echo "  explorer:      http://$(HOST):$(PORT)/   (pick r and c, see the tree, the cost map and the maps)"
 	@echo "  OpenAPI docs:  http://$(HOST):$(PORT)/docs"
 	@echo "  try:           curl -s -X POST http://$(HOST):$(PORT)/preference -H 'content-type: application/json' -d '{\"r\": [0.6, 0.3, 0.1], \"c\": 0.5}'"
 	@echo "                 curl -s -X POST http://$(HOST):$(PORT)/predict -F image=@service/example.png -F r=0.6,0.3,0.1 -F c=0.5 -D - -o /dev/null"
@@ -33,7 +37,18 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint
+# Debian's chromium for the browser tests (tests/test_explorer_browser.py), installed when missing.
+# If it cannot be installed, those tests fail and say why: they are not skipped.
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  echo "installing Debian's chromium for the browser tests (apt-get install chromium)"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	    echo "could not install chromium: the browser tests will fail and say why"; \
+	fi
+
+test: lint browser
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup
@@ -42,5 +57,9 @@ test-slow: setup
 bench: setup
 	$(PY) benchmarks/materialize.py
 
+# The README's screenshots of the explorer (docs/img/), taken with the shipped model.
+screenshots: setup browser
+	$(PY) examples/explorer_screenshots.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis tmp/artifacts

@@ -94,6 +94,17 @@ class ControllableModel(nn.Module):
         return Architecture.from_logits(self.edge_logits(r, c).cpu())
 
     @torch.no_grad()
+    def architectures(self, preferences: Sequence[Preference]) -> list[Architecture]:
+        """The arg-max trees of many validated preferences from one batched edge-hypernet pass
+        (e.g. a grid over the simplex for a cost map); element i is ``architecture(prefs[i])``."""
+        if not preferences:
+            return []
+        r = torch.tensor([p.r for p in preferences], device=self.device)
+        c = torch.tensor([p.c for p in preferences], device=self.device)
+        parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()  # (B, L-1, N): one transfer
+        return [Architecture.from_parents(rows, self.n_tasks, self.n_layers) for rows in parents]
+
+    @torch.no_grad()
     def bn_deltas(
         self, r: Any, c: Any = None, nodes: Iterable[tuple[int, int]] | None = None
     ) -> BNDeltas:

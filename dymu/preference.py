@@ -99,10 +99,42 @@ def normalize_preference(r: Any, c: Any, tasks: Sequence[str]) -> Preference:
     total = math.fsum(values)
     if total <= 0:
         raise PreferenceError("r must have a positive sum (all task weights are zero)")
+    return Preference(r=tuple(v / total for v in values), c=normalize_c(c))
+
+
+def normalize_c(c: Any) -> float:
+    """Validate the frugality ``c``: a finite number in [0, 1] (:class:`PreferenceError` if not)."""
     cf = _as_float(c, "c")
     if not 0.0 <= cf <= 1.0:
         raise PreferenceError(f"c must be in [0, 1], got {cf}")
-    return Preference(r=tuple(v / total for v in values), c=cf)
+    return cf
+
+
+def simplex_grid_size(n_tasks: int, resolution: int) -> int:
+    """Number of points of :func:`simplex_grid`: C(resolution + N - 1, N - 1)."""
+    return math.comb(resolution + n_tasks - 1, n_tasks - 1)
+
+
+def simplex_grid(n_tasks: int, resolution: int) -> list[tuple[float, ...]]:
+    """The regular grid on the N-simplex: every ``r = k / resolution`` with non-negative integer
+    ``k`` summing to ``resolution`` (the points over which the paper's Figure 5 maps the cost).
+
+    Ordered lexicographically by ``k`` descending (the first point is ``(1, 0, ..., 0)``).
+    """
+    if n_tasks < 1 or resolution < 1:
+        raise PreferenceError(
+            f"a simplex grid needs n_tasks >= 1 and resolution >= 1, got {n_tasks}, {resolution}"
+        )
+
+    def compositions(total: int, parts: int) -> Iterable[tuple[int, ...]]:
+        if parts == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in compositions(total - first, parts - 1):
+                yield (first, *rest)
+
+    return [tuple(k / resolution for k in ks) for ks in compositions(resolution, n_tasks)]
 
 
 def resolve_tasks(tasks: Iterable[str] | str | None, model_tasks: Sequence[str]) -> tuple[int, ...]:

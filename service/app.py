@@ -18,12 +18,14 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import torch
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.routing import Match
@@ -47,7 +49,9 @@ from .imaging import decode_base64, decode_image, encode_npz, encode_task
 from .metrics import CONTENT_TYPE, Metrics
 from .runtime import LoadedModel, Output, PreferenceEntry, cost_out
 from .schemas import (
+    C_DESCRIPTION,
     AdminResult,
+    CostMap,
     ErrorBody,
     Health,
     ModelInfo,
@@ -65,6 +69,18 @@ log = logging.getLogger("dymu.service")
 
 HEADER_PREFIX = "X-Dymu-"
 NPZ_MEDIA_TYPE = "application/x-npz"
+
+# The explorer page (docs/explorer.md): static files shipped in the package, served by the app.
+STATIC_DIR = Path(__file__).parent / "static"
+SAMPLE_IMAGE = Path(__file__).parent / "example.png"
+# Everything the page loads comes from this server: the policy makes that a browser-enforced fact.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self';"
+        " connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-cache",
+}
 
 
 # ----------------------------------------------------------------------------------- service
@@ -579,6 +595,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
         )
 
+    @app.get("/v1/cost-map", response_model=CostMap, tags=["model"], responses=ERROR_RESPONSES)
+    async def cost_map(
+        c: Annotated[float, Query(description=C_DESCRIPTION)] = 0.0,
+        resolution: Annotated[
+            int, Query(ge=1, le=100, description="grid step 1/resolution on each axis of r")
+        ] = 20,
+        tasks: Annotated[
+            str | None,
+            Query(
+                description="comma-separated task subset whose paths are counted (default: all)",
+                examples=["segmentation,depth"],
+            ),
+        ] = None,
+    ) -> CostMap:
+        """The cost over the simplex for one c (the paper's Figure 5), in one request.
+
+        For every r on the grid {k / resolution} of the simplex: the edge hypernet's arg-max
+        tree and its analytic FLOPs and params at the model's input size. No image, no BN
+        deltas, nothing materialized or cached; at most 5,151 points.
+        """
+        lm = svc.require_ready()
+        subset = [t.strip() for t in tasks.split(",")] if tasks else None
+        return await svc._in(svc._control, lm.cost_map, c, resolution, subset)
+
     # -- preferences ----------------------------------------------------------------------------
     @app.post(
         "/preference",
@@ -723,6 +763,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return Response(payload, media_type=NPZ_MEDIA_TYPE, headers=headers)
         body = Prediction(outputs=encoded, metrics=metrics)
         return JSONResponse(body.model_dump(), headers=headers)
+
+    # -- the explorer page ----------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    @app.get("/explorer", include_in_schema=False)
+    async def explorer() -> FileResponse:
+        """The preference explorer (docs/explorer.md); it talks to this API only."""
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/explorer/example.png", include_in_schema=False)
+    async def explorer_sample() -> FileResponse:
+        """The bundled sample image (the one the README's curl calls post)."""
+        return FileResponse(SAMPLE_IMAGE, media_type="image/png")
+
+    app.mount("/explorer/static", StaticFiles(directory=STATIC_DIR), name="explorer-static")
 
     # -- metrics --------------------------------------------------------------------------------
     @app.get(

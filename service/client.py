@@ -30,6 +30,7 @@ import numpy as np
 
 from .schemas import (
     AdminResult,
+    CostMap,
     ModelInfo,
     PreferenceRecord,
     Readiness,
@@ -177,6 +178,13 @@ def _predict_result(response: httpx.Response, decode: bool = True) -> PredictRes
     )
 
 
+def _cost_map_params(c: float, resolution: int, tasks: Sequence[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"c": c, "resolution": resolution}
+    if tasks is not None:
+        params["tasks"] = ",".join(tasks)
+    return params
+
+
 def _readiness(response: httpx.Response) -> Readiness:
     if response.status_code not in (200, 503):
         raise DymuAPIError(response)
@@ -248,6 +256,13 @@ class DymuClient:
         return PreferenceRecord.model_validate(
             _check(self._http.get(f"/preference/{preference_id}")).json()
         )
+
+    def cost_map(
+        self, c: float = 0.0, resolution: int = 20, tasks: Sequence[str] | None = None
+    ) -> CostMap:
+        """The cost of the arg-max tree over a grid on the simplex (GET /v1/cost-map)."""
+        params = _cost_map_params(c, resolution, tasks)
+        return CostMap.model_validate(_check(self._http.get("/v1/cost-map", params=params)).json())
 
     def predict(
         self,
@@ -336,6 +351,13 @@ class AsyncDymuClient:
     async def get_preference(self, preference_id: str) -> PreferenceRecord:
         response = await self._http.get(f"/preference/{preference_id}")
         return PreferenceRecord.model_validate(_check(response).json())
+
+    async def cost_map(
+        self, c: float = 0.0, resolution: int = 20, tasks: Sequence[str] | None = None
+    ) -> CostMap:
+        params = _cost_map_params(c, resolution, tasks)
+        response = await self._http.get("/v1/cost-map", params=params)
+        return CostMap.model_validate(_check(response).json())
 
     async def predict(
         self,

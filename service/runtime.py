@@ -21,16 +21,26 @@ import torch
 import dymu
 from dymu.architecture import Architecture
 from dymu.cost import Cost
-from dymu.preference import Preference, resolve_tasks
+from dymu.preference import (
+    Preference,
+    normalize_c,
+    resolve_tasks,
+    simplex_grid,
+    simplex_grid_size,
+)
 
 from . import prefid
 from .backends import OnnxPool, Runner, resolve_backend
+from .errors import BadRequestError
 from .imaging import normalization_for, to_tensor
 from .metrics import Metrics
-from .schemas import ArchitectureOut, CostOut
+from .schemas import ArchitectureOut, CostMap, CostMapPoint, CostOut
 from .settings import Settings
 
 log = logging.getLogger("dymu.service")
+
+#: Grid points one cost map may have: resolution 100 for 3 tasks (a few hundred ms on a CPU).
+MAX_COST_MAP_POINTS = 5151
 
 
 @dataclass
@@ -173,6 +183,62 @@ class LoadedModel:
                 self.metrics.materialize_seconds.observe(time.perf_counter() - t0)
                 entry.runners[task_idx] = found
         return found
+
+    def cost_map(self, c: Any, resolution: int, tasks: Any = None) -> CostMap:
+        """The paper's Figure 5 for one ``c``: the cost of the arg-max tree at every point of
+        :func:`~dymu.preference.simplex_grid` (edge hypernet and cost model only, no image).
+
+        Every grid point goes through the same validation and canonical rounding as
+        ``POST /preference``, so a point's tree and cost are that preference's.
+        """
+        t0 = time.perf_counter()
+        normalize_c(c)  # the reason for a bad c, before the grid is built
+        task_idx = self.task_indices(tasks)
+        names = [self.tasks[i] for i in task_idx]
+        n = len(self.tasks)
+        size = simplex_grid_size(n, resolution)
+        if size > MAX_COST_MAP_POINTS:
+            raise BadRequestError(
+                f"resolution {resolution} gives {size:,} points on the {n}-task simplex; the"
+                f" limit is {MAX_COST_MAP_POINTS:,} (use a smaller resolution)"
+            )
+        prefs = [self.parse(r, c)[0] for r in simplex_grid(n, resolution)]
+        archs = self.model.architectures(prefs)
+        costs: dict[str, Cost] = {}
+        points = []
+        for pref, arch in zip(prefs, archs):
+            if arch.id not in costs:
+                costs[arch.id] = self.model.cost(arch, self.input_size, names)
+            cost = costs[arch.id]
+            points.append(
+                CostMapPoint(
+                    r=list(pref.r),
+                    flops=cost.flops,
+                    gflops=cost.gflops,
+                    params=cost.params,
+                    fraction_of_anchor_flops=cost.flops / self.anchor_cost.flops,
+                    architecture_id=arch.id,
+                    n_used_nodes=arch.num_used_nodes(task_idx),
+                )
+            )
+        gflops = [p.gflops for p in points]
+        return CostMap(
+            model=self.name,
+            model_version=self.version,
+            c=prefs[0].c,
+            resolution=resolution,
+            tasks=list(self.tasks),
+            subset=names,
+            input_size=list(self.input_size),
+            anchor_flops=self.anchor_cost.flops,
+            anchor_params=self.anchor_cost.params,
+            n_points=len(points),
+            n_architectures=len(costs),
+            min_gflops=min(gflops),
+            max_gflops=max(gflops),
+            compute_ms=round((time.perf_counter() - t0) * 1e3, 3),
+            points=points,
+        )
 
     def image_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         return to_tensor(rgb, self.mean, self.std)

@@ -55,6 +55,36 @@ class CostOut(BaseModel):
     fraction_of_anchor_params: float
 
 
+class CostMapPoint(BaseModel):
+    r: list[float] = Field(description="the grid point: the canonical r, in task order")
+    flops: int = Field(description="FLOPs per image of its tree for the subset (1 MAC = 2 FLOPs)")
+    gflops: float
+    params: int = Field(description="active anchor parameters of the subset's used nodes and heads")
+    fraction_of_anchor_flops: float = Field(description="flops / the full anchor's (all tasks)")
+    architecture_id: str = Field(description="the tree's 12-hex id (equal ids: the same tree)")
+    n_used_nodes: int
+
+
+class CostMap(BaseModel):
+    """The cost of the arg-max tree at every point of a grid on the simplex, for one c."""
+
+    model: str | None
+    model_version: str | None
+    c: float
+    resolution: int = Field(description="r takes the values k / resolution")
+    tasks: list[str] = Field(description="the simplex's axes: every task, in the order of r")
+    subset: list[str] = Field(description="the tasks whose paths are counted")
+    input_size: list[int] = Field(description="[H, W] the cost is given for")
+    anchor_flops: int
+    anchor_params: int
+    n_points: int
+    n_architectures: int = Field(description="distinct trees over the grid")
+    min_gflops: float
+    max_gflops: float
+    compute_ms: float
+    points: list[CostMapPoint]
+
+
 class PreferenceRecord(BaseModel):
     """A preference as the server computed it."""
 
