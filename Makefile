@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint test-slow bench clean
+.PHONY: setup demo test lint test-slow test-scale bench bench-scale clean
 
 setup: $(STAMP)
 
@@ -34,13 +34,22 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not scale"
+
+# Ray Serve replicas and torchrun DDP (docs/scale.md): installs the ray extra first.
+test-scale: setup
+	$(PY) -m pip install --quiet -e ".[ray]"
+	$(PY) -m pytest -q -m scale
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(PY) benchmarks/materialize.py
+
+bench-scale: setup
+	$(PY) -m pip install --quiet -e ".[ray]"
+	$(PY) benchmarks/scale_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

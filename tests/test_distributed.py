@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo) on scenes-tiny.
+"""Data-parallel training under torchrun (2 CPU processes, gloo) on scenes-tiny (marked scale).
 
 What must hold (training/distributed.py): the artifact of a 2-process run loads; stages 1 and 2
 (BN in eval mode) match a single-process run of the same global batches from the same anchor;
@@ -24,6 +24,8 @@ from training.config import load_config
 from training.distributed import Distributed
 from training.pipeline import StepBatches, build_model, collate, run_training, split_dataset
 from training.tasks import weighted_task_loss
+
+pytestmark = pytest.mark.scale
 
 WORLD = 2
 TOL = {"rtol": 1e-4, "atol": 2e-5}
