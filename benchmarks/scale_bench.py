@@ -118,8 +118,11 @@ def _anchor_step_s(log: Path) -> float:
     return (t1 - t0) / (s1 - s0)
 
 
-def bench_torchrun(config: str, nprocs: list[int], anchor_steps: int) -> list[dict]:
-    """Stage 0 only, stopped by --max-steps (checkpoint, no artifact), one run per P."""
+def bench_torchrun(config: str, nprocs: list[int], anchor_steps: int, threads: int) -> list[dict]:
+    """Stage 0 only, stopped by --max-steps (checkpoint, no artifact), one run per P.
+
+    Every process gets ``threads`` intra-op threads (OMP_NUM_THREADS; torchrun sets 1 for P > 1),
+    so that P = 1 is not measured with a different thread count than P > 1."""
     from training.config import load_config
 
     cfg = load_config(config)
@@ -149,10 +152,12 @@ def bench_torchrun(config: str, nprocs: list[int], anchor_steps: int) -> list[di
                 str(p),
             ]
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=env)
             rows.append({
                 "engine": "torchrun", "processes": p, "config": config,
                 "global_batch": cfg.anchor.batch_size, "steps": anchor_steps,
+                "threads_per_process": threads,
                 "step_s": round(_anchor_step_s(run_dir / "train_log.csv"), 4),
                 "wall_s": round(time.perf_counter() - t0, 1),
             })  # fmt: skip
@@ -171,6 +176,7 @@ def main() -> None:
     ap.add_argument("--config", default="scenes-small")
     ap.add_argument("--anchor-steps", type=int, default=40)
     ap.add_argument("--nproc", default="1,2")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--what", default="ray,torchrun")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -179,7 +185,7 @@ def main() -> None:
         rows += bench_ray(args.model_dir, args.cpus, args.requests, args.clients)
     if "torchrun" in args.what:
         nprocs = [int(p) for p in args.nproc.split(",")]
-        rows += bench_torchrun(args.config, nprocs, args.anchor_steps)
+        rows += bench_torchrun(args.config, nprocs, args.anchor_steps, args.threads)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 
