@@ -296,8 +296,14 @@ def app_builder(args: dict[str, str]) -> Any:
 
 def run(settings: Settings, replicas: int, address: str | None = None) -> None:
     """``dymu serve --engine ray``: start (or join) Ray, deploy, serve until interrupted."""
+    import signal
+
     import ray
 
+    def stop(signum: int, frame: Any) -> None:  # docker stop / Kubernetes send SIGTERM
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
