@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser demo test lint test-slow bench screenshots clean
+.PHONY: setup browser demo test lint test-slow test-scale bench bench-scale screenshots clean
 
 setup: $(STAMP)
 
@@ -49,7 +49,12 @@ browser:
 	fi
 
 test: lint browser
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not scale"
+
+# Ray Serve replicas and torchrun DDP (docs/scale.md): installs the ray extra first.
+test-scale: setup
+	$(PY) -m pip install --quiet -e ".[ray]"
+	$(PY) -m pytest -q -m scale
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
@@ -60,6 +65,10 @@ bench: setup
 # The README's screenshots of the explorer (docs/img/), taken with the shipped model.
 screenshots: setup browser
 	$(PY) examples/explorer_screenshots.py
+
+bench-scale: setup
+	$(PY) -m pip install --quiet -e ".[ray]"
+	$(PY) benchmarks/scale_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis tmp/artifacts

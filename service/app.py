@@ -68,6 +68,8 @@ from .settings import Settings
 log = logging.getLogger("dymu.service")
 
 HEADER_PREFIX = "X-Dymu-"
+#: "hit" when the request's sub-network came from this process's preference cache, else "miss".
+CACHE_HEADER = HEADER_PREFIX + "Cache"
 NPZ_MEDIA_TYPE = "application/x-npz"
 
 # The explorer page (docs/explorer.md): static files shipped in the package, served by the app.
@@ -412,7 +414,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _parse_r_text(text: str) -> Any:
+def parse_r_text(text: str) -> Any:
     text = text.strip()
     if text.startswith(("[", "{")):
         try:
@@ -446,7 +448,7 @@ async def _parse_multipart(request: Request) -> tuple[bytes, PredictJSON]:
         if (pid := _str_field(form, "preference_id")) not in (None, ""):
             fields["preference_id"] = pid
         if (r := _str_field(form, "r")) not in (None, ""):
-            fields["r"] = _parse_r_text(r)
+            fields["r"] = parse_r_text(r)
         if (c := _str_field(form, "c")) not in (None, ""):
             fields["c"] = c
         tasks = [t for v in form.getlist("tasks") if isinstance(v, str) for t in v.split(",")]
@@ -695,16 +697,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"unsupported body type {ctype!r}: send multipart/form-data or application/json"
             )
 
-        if req.preference_id is not None and (req.r is not None or req.c is not None):
-            raise BadRequestError("give either preference_id or an inline (r, c), not both")
-        if req.preference_id is not None:
-            pref, key = lm.decode_id(req.preference_id)
-        elif req.r is not None:
-            pref, key = lm.parse(req.r, req.c)
-        elif req.c is not None:
-            raise BadRequestError("c was given without r: give both (or a preference_id)")
-        else:
-            pref, key = lm.default_preference, lm.default_key
+        pref, key = lm.ids.select(req.preference_id, req.r, req.c)
         task_idx = lm.task_indices(req.tasks)
         names = [lm.tasks[i] for i in task_idx]
 
@@ -714,7 +707,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         x = await svc._in(svc._io, decode)
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        entry, _ = await svc.entry(lm, key, pref)
+        entry, computed = await svc.entry(lm, key, pref)
         runner = await svc.runner(lm, entry, task_idx)
 
         assert svc.batcher is not None
@@ -757,6 +750,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backend=out.backend,
         )
         headers = _headers(metrics)
+        headers[CACHE_HEADER] = "miss" if computed else "hit"
         if req.format == "npz":
             arrays = {t: out.arrays[t] for t in names}
             payload = await svc._in(svc._io, encode_npz, arrays, metrics.model_dump())

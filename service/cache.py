@@ -85,6 +85,15 @@ class PreferenceCache(Generic[E]):
         self._publish(evictions=len(evicted))
         return evicted
 
+    def discard(self, key: Hashable) -> bool:
+        """Drop ``key`` unless it is pinned (an outer LRU, e.g. Ray Serve's multiplexing, evicted
+        it); whether it was dropped."""
+        with self._lock:
+            dropped = key not in self._pinned and self._entries.pop(key, None) is not None
+        if dropped:
+            self._publish()
+        return dropped
+
     def clear(self) -> int:
         """Drop every entry except pinned ones; returns how many were dropped."""
         with self._lock:

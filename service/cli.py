@@ -50,10 +50,30 @@ def _serve(args: argparse.Namespace) -> int:
 
         if not onnx_available():
             raise DymuError("--backend onnx needs onnxruntime: pip install 'dymu[onnx]'")
+    if args.replicas is not None and args.engine != "ray":
+        raise DymuError("--replicas needs --engine ray (uvicorn serves one process)")
     url = f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+    if args.engine == "ray":
+        try:
+            from .ray_app import run
+        except ImportError as exc:
+            raise DymuError(
+                f"--engine ray needs Ray Serve (pip install 'dymu[ray]'): {exc}"
+            ) from exc
+        replicas = args.replicas or 1
+        print(f"dymu serve: {settings.model_dir} on {url}, Ray Serve, {replicas} replica(s)")
+        run(settings, replicas, address=args.ray_address)
+        return 0
     print(f"dymu serve: {settings.model_dir} on {url}  (OpenAPI docs: {url}/docs)", flush=True)
     serve(settings)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
@@ -86,4 +106,24 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         help="auto = onnx when onnxruntime is installed, else torch ($DYMU_BACKEND)",
     )
     p.add_argument("--log-level", default=None, help="uvicorn log level (default info)")
+    p.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn: one process (default); ray: Ray Serve replicas of the same app behind "
+        "one endpoint, sub-networks routed by preference (pip install 'dymu[ray]'; "
+        "docs/scale.md)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_positive,
+        default=None,
+        help="--engine ray: model replicas (default 1), each with its own preference cache",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="--engine ray: a running Ray cluster to join (default: $RAY_ADDRESS, else a "
+        "local Ray started here)",
+    )
     p.set_defaults(func=_serve)

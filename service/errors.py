@@ -50,6 +50,11 @@ class OverloadedError(ServiceError):
     """The inference queue is full (503 + Retry-After)."""
 
 
+class ReplicaFailedError(ServiceError):
+    """Ray Serve: the replica serving the request died or became unreachable (503 +
+    Retry-After); the other replicas, and its replacement, keep serving."""
+
+
 class RequestTimeoutError(ServiceError):
     """The prediction did not finish within the per-request timeout (504)."""
 
@@ -100,6 +105,7 @@ STATUS: dict[type[BaseException], int] = {
     BadRequestError: 422,
     NotReadyError: 503,
     OverloadedError: 503,
+    ReplicaFailedError: 503,
     RequestTimeoutError: 504,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,

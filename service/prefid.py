@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dymu.errors import PreferenceError
 from dymu.preference import KEY_DECIMALS, Preference, normalize_preference
 
-from .errors import MalformedPreferenceIdError, UnknownPreferenceIdError
+from .errors import BadRequestError, MalformedPreferenceIdError, UnknownPreferenceIdError
 
 SCALE = 10**KEY_DECIMALS
 _ID = re.compile(
@@ -112,3 +113,64 @@ def decode(
         )
     key = (r_units, c_units)
     return canonical_preference(key), key
+
+
+@dataclass(frozen=True)
+class PreferenceIds:
+    """The id space of one model version: parse (r, c), decode and encode ids, and pick the
+    preference of a request. Needs only the manifest, so a router that never loads the weights
+    (service/ray_app.py) derives the same ids as the replicas that serve them."""
+
+    tasks: tuple[str, ...]
+    model_name: str | None
+    model_version: str | None
+    default_preference: Preference
+    default_key: CanonicalKey
+
+    @classmethod
+    def create(
+        cls,
+        tasks: Sequence[str],
+        model_name: str | None,
+        model_version: str | None,
+        default_r: Any = None,
+        default_c: float = 0.0,
+    ) -> PreferenceIds:
+        """``default_r`` None = uniform over the tasks."""
+        r = default_r if default_r is not None else [1.0] * len(tasks)
+        pref, key = canonicalize(r, default_c, tasks)
+        return cls(tuple(tasks), model_name, model_version, pref, key)
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Mapping[str, Any], default_r: Any = None, default_c: float = 0.0
+    ) -> PreferenceIds:
+        tasks = [t["name"] for t in manifest["tasks"]]
+        return cls.create(
+            tasks, manifest.get("name"), manifest.get("version"), default_r, default_c
+        )
+
+    @property
+    def default_id(self) -> str:
+        return self.encode(self.default_key)
+
+    def encode(self, key: CanonicalKey) -> str:
+        return encode(key, self.model_name, self.model_version)
+
+    def parse(self, r: Any, c: Any) -> tuple[Preference, CanonicalKey]:
+        return canonicalize(r, 0.0 if c is None else c, self.tasks)
+
+    def decode(self, pref_id: str) -> tuple[Preference, CanonicalKey]:
+        return decode(pref_id, self.tasks, self.model_name, self.model_version)
+
+    def select(self, preference_id: str | None, r: Any, c: Any) -> tuple[Preference, CanonicalKey]:
+        """The preference a /predict request asks for: by id, inline (r, c), or the default."""
+        if preference_id is not None and (r is not None or c is not None):
+            raise BadRequestError("give either preference_id or an inline (r, c), not both")
+        if preference_id is not None:
+            return self.decode(preference_id)
+        if r is not None:
+            return self.parse(r, c)
+        if c is not None:
+            raise BadRequestError("c was given without r: give both (or a preference_id)")
+        return self.default_preference, self.default_key

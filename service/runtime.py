@@ -121,11 +121,14 @@ class LoadedModel:
         self.cache: PreferenceCache[PreferenceEntry] = PreferenceCache(
             settings.cache_max_entries, settings.cache_max_bytes, metrics
         )
-        r = settings.default_r if settings.default_r is not None else [1.0] * len(self.tasks)
-        self.default_preference, self.default_key = prefid.canonicalize(
-            r, settings.default_c, self.tasks
+        self.ids = prefid.PreferenceIds.create(
+            self.tasks, self.name, self.version, settings.default_r, settings.default_c
         )
-        self.default_id = self.encode_id(self.default_key)
+        self.default_preference, self.default_key = (
+            self.ids.default_preference,
+            self.ids.default_key,
+        )
+        self.default_id = self.ids.default_id
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> LoadedModel:
@@ -134,13 +137,13 @@ class LoadedModel:
 
     # -- ids and validation (delegated to dymu.preference through prefid) -----------------------
     def encode_id(self, key: prefid.CanonicalKey) -> str:
-        return prefid.encode(key, self.name, self.version)
+        return self.ids.encode(key)
 
     def parse(self, r: Any, c: Any) -> tuple[Preference, prefid.CanonicalKey]:
-        return prefid.canonicalize(r, 0.0 if c is None else c, self.tasks)
+        return self.ids.parse(r, c)
 
     def decode_id(self, pref_id: str) -> tuple[Preference, prefid.CanonicalKey]:
-        return prefid.decode(pref_id, self.tasks, self.name, self.version)
+        return self.ids.decode(pref_id)
 
     def task_indices(self, tasks: Any) -> tuple[int, ...]:
         return resolve_tasks(tasks, self.tasks)

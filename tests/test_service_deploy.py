@@ -140,3 +140,39 @@ def test_pyproject_declares_the_extras_and_the_command():
     assert {"python-multipart", "pillow"} <= names
     assert {"onnx", "onnxruntime"} <= {re.split(r"[<>=]", d)[0] for d in extras["onnx"]}
     assert project["entry-points"]["dymu.commands"]["serve"] == "service.cli:add_serve_command"
+
+
+def test_ray_compose_file_and_kuberay_manifest():
+    """docker-compose.ray.yml follows the Compose spec and runs `dymu serve --engine ray`; the
+    KubeRay RayService deploys service.ray_app:app_builder with valid settings. Neither runs
+    here (no Docker, no Kubernetes); Ray itself is tested in tests/test_service_ray.py."""
+    import tomllib
+
+    from dymu.cli import build_parser
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docker" / "compose-spec.json").read_text())
+    config = load(ROOT / "docker-compose.ray.yml")
+    errors = list(jsonschema.Draft201909Validator(schema).iter_errors(config))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    api = config["services"]["api"]
+    assert (ROOT / api["build"]["dockerfile"]).is_file()
+    args = build_parser().parse_args(api["command"])
+    assert args.engine == "ray" and args.replicas == 2
+    dockerfile = (ROOT / api["build"]["dockerfile"]).read_text()
+    assert 'pip install ".[serving,onnx,ray]"' in dockerfile and "USER dymu" in dockerfile
+
+    manifest = load(ROOT / "docker" / "kuberay-rayservice.yaml")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, builder = app["import_path"].split(":")
+    assert f"def {builder}(args" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    settings = {k: v for k, v in app["args"].items() if k not in ("replicas", "replica_cpus")}
+    assert Settings(**settings).cache_max_entries == 64
+    # the cluster's Ray is the version range of the `ray` extra
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (ray_req,) = extras["optional-dependencies"]["ray"]
+    low, high = re.search(r">=([0-9.]+),<([0-9]+)", ray_req).groups()
+    version = tuple(int(v) for v in manifest["spec"]["rayClusterConfig"]["rayVersion"].split("."))
+    assert tuple(int(v) for v in low.split(".")) <= version < (int(high),)

@@ -1,16 +1,27 @@
-"""`dymu train`: registered on the `dymu` command through the ``dymu.commands`` entry point."""
+"""`dymu train`: registered on the `dymu` command through the ``dymu.commands`` entry point.
+
+``dymu train CONFIG --nproc P`` starts the same command under ``torchrun`` (P data-parallel
+processes, see :mod:`training.distributed`); ``torchrun --nproc-per-node P -m training CONFIG``
+is the same thing spelled out (``training/__main__.py`` takes the arguments of ``dymu train``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
+
+from dymu.errors import ConfigError
 
 from .config import available_configs, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
     from .pipeline import STAGES, run_training
 
     config = load_config(args.config)
@@ -22,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"anchor": anchor})
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     out = args.out or Path("model_store") / config.name
-    command = "dymu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = args.record_command or "dymu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     vdir = run_training(
         config,
         out,
@@ -34,6 +45,8 @@ def _train(args: argparse.Namespace) -> int:
         command=command,
         max_steps=args.max_steps,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 speaks for the job
     if vdir is None:
         print(f"stopped after --max-steps; continue with: {command} --resume")
     else:
@@ -41,15 +54,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a controllable model (all stages) and write it to the store",
-        description="Train the anchor streams, the RSA task affinity, the edge hypernet and the "
-        "weight hypernet, then write the artifact through dymu's store. Configs: "
-        + ", ".join(available_configs())
-        + ", or a path to a TOML file.",
-    )
+def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc-per-node P -m training ARGS`` (as ``python -m``, so the
+    torchrun of this interpreter's torch is the one that runs)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "training",
+        *train_args,
+    ]
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this ``dymu train`` under torchrun with ``--nproc`` processes; its exit status."""
+    config = load_config(args.config)  # a bad config fails here, with one line, not P times
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("--nproc > 1 takes --device auto, cpu or cuda (one GPU per process)")
+    forwarded = [str(args.config)]
+    for flag, value in (
+        ("--out", args.out or Path("model_store") / config.name),
+        ("--run-dir", args.run_dir),
+        ("--steps-scale", args.steps_scale),
+        ("--device", args.device),
+        ("--stages", args.stages),
+        ("--max-steps", args.max_steps),
+        ("--anchor-from", args.anchor_from),
+    ):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    forwarded += [f for f, on in (("--resume", args.resume), ("--quiet", args.quiet)) if on]
+    command = "dymu " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    forwarded += ["--record-command", command]
+    return subprocess.run(torchrun_command(args.nproc, forwarded), check=False).returncode
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``dymu train`` (also those of ``python -m training``)."""
     p.add_argument("config", help="config name (training/configs/NAME.toml) or path")
     p.add_argument(
         "--out",
@@ -90,5 +134,33 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
         help="take the single-task streams from this artifact (skips stage 0; sets "
         "anchor.pretrained)",
     )
+    p.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        help="data-parallel processes (runs torchrun; gloo on CPU, one GPU each on CUDA); "
+        "the config's batch_size is the global batch (default 1: a plain single process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # The command line recorded in the artifact when --nproc re-runs us under torchrun.
+    p.add_argument("--record-command", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a controllable model (all stages) and write it to the store",
+        description="Train the anchor streams, the RSA task affinity, the edge hypernet and the "
+        "weight hypernet, then write the artifact through dymu's store. Configs: "
+        + ", ".join(available_configs())
+        + ", or a path to a TOML file.",
+    )
+    add_train_arguments(p)

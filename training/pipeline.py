@@ -7,6 +7,11 @@ Determinism: every random draw of step ``s`` of stage ``k`` (batch indices, pref
 noise) comes from a generator seeded with ``(seed, k, s)``. A run is therefore repeatable on the
 CPU, and resuming from a checkpoint needs only the weights, the optimizer state and the step —
 no RNG state — to give the same final weights as an uninterrupted run.
+
+Data parallelism: under ``torchrun`` each stage runs on P processes with DistributedDataParallel
+(:mod:`training.distributed`): every rank draws the same global batch indices of step ``s`` and
+trains on its shard of them; rank 0 alone logs, shows progress and writes checkpoints and the
+artifact.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from .branching import (
 )
 from .config import TrainConfig
 from .data import DATASETS, build_dataset
+from .distributed import Distributed
+from .distributed import from_env as distributed_from_env
+from .distributed import shutdown as distributed_shutdown
 from .tasks import weighted_task_loss
 
 STAGES = ("anchor", "affinity", "edge", "weight")
@@ -68,9 +76,22 @@ class BudgetExhaustedError(Exception):
 
 
 class StepBatches:
-    """Batch-index lists for steps ``start..steps-1`` of a stage (a DataLoader batch_sampler)."""
+    """Batch-index lists for steps ``start..steps-1`` of a stage (a DataLoader batch_sampler).
 
-    def __init__(self, seed: int, stage: str, start: int, steps: int, n: int, batch: int) -> None:
+    ``batch`` is the global batch; ``dist`` picks this rank's shard of it (all of it when
+    single-process), so the indices of a step do not depend on the number of processes.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        stage: str,
+        start: int,
+        steps: int,
+        n: int,
+        batch: int,
+        dist: Distributed | None = None,
+    ) -> None:
         self.seed, self.stage, self.start, self.steps, self.n, self.batch = (
             seed,
             stage,
@@ -79,6 +100,7 @@ class StepBatches:
             n,
             batch,
         )
+        self.dist = dist or Distributed()
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
@@ -86,7 +108,8 @@ class StepBatches:
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.steps):
             gen = step_generator(self.seed, self.stage, step)
-            yield torch.randint(self.n, (self.batch,), generator=gen).tolist()
+            indices = torch.randint(self.n, (self.batch,), generator=gen).tolist()
+            yield self.dist.shard(indices)
 
 
 @dataclass
@@ -102,13 +125,17 @@ class Run:
     affinity: torch.Tensor | None = None
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     budget: int | None = None  # optimizer steps left in this invocation (None = no limit)
+    dist: Distributed = field(default_factory=Distributed)
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
         return self.model.config.tasks
 
     def batches(self, stage: str, start: int, steps: int, batch: int) -> Iterator[dict]:
-        sampler = StepBatches(self.config.seed, stage, start, steps, len(self.train_set), batch)
+        self.dist.check_batch(stage, batch)
+        sampler = StepBatches(
+            self.config.seed, stage, start, steps, len(self.train_set), batch, self.dist
+        )
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             self.train_set,
@@ -126,6 +153,8 @@ class Run:
         )
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         path = self.run_dir / LOG
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -158,7 +187,9 @@ def _restore_optimizer(
 
 
 def save_checkpoint(run: Run, stage: str, step: int, opt: torch.optim.Optimizer | None) -> None:
-    """Model + optimizer + position, written atomically (temp file + rename)."""
+    """Model + optimizer + position, written atomically (temp file + rename); rank 0 only."""
+    if not run.dist.is_main:
+        return
     tensors = {
         f"model/{k}": v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()
     }
@@ -203,7 +234,7 @@ def load_checkpoint(run: Run) -> tuple[str, int, dict[str, torch.Tensor], Any] |
 
 
 # -- the stages -----------------------------------------------------------------------------------
-LossFn = Callable[[int, dict], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[nn.Module, int, dict], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _train(
@@ -216,14 +247,18 @@ def _train(
     loss_fn: LossFn,
     lr_at: Callable[[int], float],
     weight_decay: float = 0.0,
+    find_unused: bool = False,
 ) -> None:
     """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
 
-    ``loss_fn(step, batch) -> (loss, stats)`` is all a stage supplies.
+    ``loss_fn(net, step, batch) -> (loss, stats)`` is all a stage supplies; ``net`` is
+    ``module`` itself, or ``module`` under DistributedDataParallel when run by torchrun (the
+    stage must call ``net``, not ``module``, so that the gradients are averaged across ranks).
     """
     from tqdm import tqdm
 
     module.train().requires_grad_(True)
+    net = run.dist.wrap(module, find_unused=find_unused)
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=weight_decay)
     if opt_state is not None:
         _restore_optimizer(opt, *opt_state)
@@ -232,18 +267,18 @@ def _train(
         total=steps,
         initial=start,
         desc=f"{stage:>6}",
-        disable=not run.progress,
+        disable=not (run.progress and run.dist.is_main),
         dynamic_ncols=True,
         unit="step",
     )
     for step, batch in enumerate(run.batches(stage, start, steps, cfg.batch_size), start=start):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss, stats = loss_fn(step, batch)
+        loss, stats = loss_fn(net, step, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        stats = {"loss": loss.item(), **stats}
+        stats = run.dist.mean({"loss": loss.item(), **stats})
         if not all(math.isfinite(v) for v in stats.values()):
             raise DymuError(f"stage {stage}: non-finite loss at step {step}: {stats}")
         bar.update(1)
@@ -267,7 +302,7 @@ def _train(
         if (step + 1) % run.config.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(run, stage, step + 1, opt)
     bar.close()
-    _freeze(module)
+    _freeze(run.dist.unwrap(net))
 
 
 _LOG_FIELDS = ("loss", "task_loss", "omega", "active_loss", "inactive_loss", "zeta")
@@ -281,9 +316,9 @@ def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
     cfg, anchor = run.config.anchor, run.model.anchor
 
-    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with run.autocast():
-            out = anchor(batch["image"])
+            out = net(batch["image"])
         total, per_task = weighted_task_loss(run.tasks, out, batch, None)
         return total, _task_stats(per_task)
 
@@ -342,14 +377,14 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
     )
     affinity = (run.affinity if run.affinity is not None else torch.ones(n, n)).to(run.device)
 
-    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         gen = step_generator(run.config.seed, "edge-pref", step)
         r, c = sample_preference(n, cfg.eta, gen)
         r = r.to(run.device)
         zeta = gumbel_temperature(
             step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
         )
-        logits = hyper(r, c.to(run.device))
+        logits = net(r, c.to(run.device))
         if cfg.logit_bound is not None:  # monotonic: the arg-max tree is unchanged
             logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
         nu = _gumbel_softmax(logits, zeta, gen)
@@ -375,18 +410,19 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
     hyper = model.weight_hypernet
     n = model.n_tasks
 
-    def loss_fn(step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         gen = step_generator(run.config.seed, "weight-pref", step)
         r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
         with torch.no_grad():
             arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
-        deltas = hyper(r, c, arch.node_list())
+        deltas = net(r, c, arch.node_list())
         with run.autocast():
             out = model.anchor.forward_tree(batch["image"], arch, deltas)
         total, per_task = weighted_task_loss(run.tasks, out, batch, r)
         return total, _task_stats(per_task)
 
-    _train(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at)
+    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
+    _train(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at, find_unused=True)
 
 
 # -- the whole run --------------------------------------------------------------------------------
@@ -431,13 +467,37 @@ def run_training(
     ``run_dir`` (default ``runs/<name>``) holds the checkpoint and the CSV log; with ``resume``
     the run continues from its checkpoint. ``max_steps`` bounds the optimizer steps of this
     invocation: when it runs out, a checkpoint is written and None is returned (no artifact).
-    Returns the artifact's version directory.
+    Returns the artifact's version directory (on every rank when run by torchrun).
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     dev = resolve_device(device)
-    run_dir = Path(run_dir or Path("runs") / config.name)
+    owns_group = not torch.distributed.is_initialized()
+    dist = distributed_from_env(dev)
+    try:
+        return _run_stages(
+            config, out, Path(run_dir or Path("runs") / config.name), dist.device(dev), dist,
+            resume, stages, progress, command, max_steps,
+        )  # fmt: skip
+    finally:
+        if owns_group:
+            distributed_shutdown()
+
+
+def _run_stages(
+    config: TrainConfig,
+    out: str | Path,
+    run_dir: Path,
+    dev: torch.device,
+    dist: Distributed,
+    resume: bool,
+    stages: tuple[str, ...],
+    progress: bool,
+    command: str | None,
+    max_steps: int | None,
+) -> Path | None:
+    """The body of :func:`run_training` on one rank."""
     if not resume and (run_dir / CHECKPOINT_META).exists():
         raise ConfigError(
             f"{run_dir} already holds a checkpoint: pass --resume to continue it, "
@@ -450,11 +510,11 @@ def run_training(
         source = dymu.load(config.anchor.pretrained, device=dev)
         model.anchor.load_state_dict(source.anchor.state_dict())
         stages = tuple(s for s in stages if s != "anchor")
-    run = Run(config, model, dataset, dev, run_dir, progress, budget=max_steps)
+    run = Run(config, model, dataset, dev, run_dir, progress, budget=max_steps, dist=dist)
     position = load_checkpoint(run) if resume else None
     if resume and position is None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and (run_dir / LOG).exists():
+    if not resume and (run_dir / LOG).exists() and dist.is_main:
         (run_dir / LOG).unlink()
 
     runners = {"anchor": stage_anchor, "edge": stage_edge, "weight": stage_weight}
@@ -489,8 +549,11 @@ def run_training(
         "stages": run.completed,
         "wall_s": round(sum(v["wall_s"] for v in run.completed.values()), 2),
         "device": str(dev),
+        "processes": dist.world,
         "torch": torch.__version__,
     }
+    if not dist.is_main:  # rank 0 alone evaluates and writes; the others learn where
+        return Path(dist.broadcast(None))
     metrics: dict[str, Any] = {}
     if config.check_preferences:
         from .evaluate import method_checks
@@ -502,7 +565,7 @@ def run_training(
         )
         metrics["checks"]["wall_s"] = round(time.perf_counter() - t0, 2)
     extra = {LOG: run_dir / LOG} if (run_dir / LOG).exists() else {}
-    return dymu.save(
+    vdir = dymu.save(
         model.cpu(),
         out,
         task_affinity=run.affinity,
@@ -511,3 +574,4 @@ def run_training(
         extra_files=extra,
         input_normalization={"mean": dataset.mean, "std": dataset.std},
     )
+    return Path(dist.broadcast(str(vdir)))
