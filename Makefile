@@ -39,8 +39,9 @@ test: lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The quick benchmark (< 2 min on 2 CPU cores); `dymu bench --out DIR` is the full suite.
 bench: setup
-	$(PY) benchmarks/materialize.py
+	$(VENV)/bin/dymu bench --quick --out bench-results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
