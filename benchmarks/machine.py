@@ -92,9 +92,17 @@ def matmul_peak(n: int = 2048, rounds: int = 5, device: torch.device | None = No
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    samples = interleave({"mm": lambda: torch.mm(a, b)}, rounds, warmup=1, sync=sync)["mm"]
-    t = median_s(samples)
-    return {"n": n, "gflops": 2 * n**3 / t / 1e9, "median_ms": t * 1e3, "samples_s": samples}
+    cpu: dict[str, list[float]] = {}
+    samples = interleave({"mm": lambda: torch.mm(a, b)}, rounds, warmup=1, sync=sync, cpu=cpu)
+    t, c = median_s(samples["mm"]), median_s(cpu["mm"])
+    return {
+        "n": n,
+        "gflops": 2 * n**3 / t / 1e9,
+        "gflops_per_cpu_s": 2 * n**3 / c / 1e9 if device.type == "cpu" else None,
+        "median_ms": t * 1e3,
+        "samples_s": samples["mm"],
+        "cpu_samples_s": cpu["mm"],
+    }
 
 
 def _version(dist: str) -> str | None:

@@ -12,7 +12,11 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "switch_over_predict": ("<=", 0.1, "preference switch / one predict (batch 1, model size)"),
     "server_overhead": ("<=", 0.15, "HTTP /predict latency / direct call - 1 (batching off)"),
     "onnx_over_torch": (">=", 2.0, "ONNX Runtime speed-up over eager torch at batch 8"),
-    "fma_fraction": (">=", 0.6, "served tree's GFLOP/s / the CPU's FP32 FMA peak"),
+    "fma_fraction": (
+        ">=",
+        0.6,
+        "served tree's GFLOP per CPU-second (wall-clock on a GPU) / the FP32 FMA peak",
+    ),
 }
 _OPS = {"<=": operator.le, ">=": operator.ge}
 
@@ -107,9 +111,11 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
         served = rows.get("onnx, folded") or rows["torch eager, folded"]
         h["fma_fraction"] = _goal(
             "fma_fraction",
-            served["fraction_of_fma_peak"],
+            served.get("fraction_of_fma_peak_cpu_time") or served["fraction_of_fma_peak"],
             f"{served['backend']}, {where}",
+            wall_clock=served["fraction_of_fma_peak"],
             gflop_per_s=served["gflop_per_s"],
+            gflop_per_cpu_s=served.get("gflop_per_cpu_s"),
             of_matmul=served["fraction_of_matmul"],
             fma_peak_gflops=(report.get("peak") or {}).get("fma", {}).get("gflops"),
         )
@@ -135,7 +141,8 @@ def summary_markdown(report: Mapping[str, Any], cases: Mapping[str, Any]) -> str
         f"Load average (1/5/15 min): {m.get('loadavg')} at start, {m.get('loadavg_end')} at end; "
         f"wall time {report.get('wall_s')} s  ",
         f"FP32 FMA peak: {fmt(fma.get('gflops'), 1)} GFLOP/s = {fma.get('derivation')}; "
-        f"measured {mm.get('n')}x{mm.get('n')} matmul: {fmt(mm.get('gflops'), 1)} GFLOP/s",
+        f"measured {mm.get('n')}x{mm.get('n')} matmul: {fmt(mm.get('gflops'), 1)} GFLOP/s "
+        f"({fmt(mm.get('gflops_per_cpu_s'), 1)} per CPU-second)",
         "",
         "All FLOPs: 1 multiply-add = 2 FLOPs. Ratios are medians of per-round ratios (variants "
         "alternate within each round).",

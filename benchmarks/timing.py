@@ -29,13 +29,24 @@ def synchronizer(device: torch.device | str | None) -> Callable[[], None]:
 
 def time_once(fn: Variant, number: int = 1, sync: Callable[[], None] | None = None) -> float:
     """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls."""
+    return time_pair(fn, number, sync)[0]
+
+
+def time_pair(
+    fn: Variant, number: int = 1, sync: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per call, over ``number`` calls.
+
+    CPU time leaves out the time the process was not running: on a loaded machine it is what
+    the computation itself cost, where wall time adds every preemption.
+    """
     sync = sync or (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(number):
         fn()
     sync()
-    return (time.perf_counter() - t0) / number
+    return (time.perf_counter() - t0) / number, (time.process_time() - c0) / number
 
 
 def interleave(
@@ -45,11 +56,13 @@ def interleave(
     warmup: int = 1,
     number: int | Mapping[str, int] = 1,
     sync: Callable[[], None] | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Raw seconds per call, ``rounds`` samples for each variant, taken in alternation.
 
     Round ``i`` runs the variants in the order rotated by ``i``, so no variant is always the one
-    that runs first (after an idle period) or right after the heaviest one.
+    that runs first (after an idle period) or right after the heaviest one. ``cpu``, if given,
+    receives the CPU seconds per call of each variant, sample for sample.
     """
     names = list(variants)
     per = {n: number if isinstance(number, int) else number.get(n, 1) for n in names}
@@ -60,7 +73,10 @@ def interleave(
     for i in range(rounds):
         k = i % len(names)
         for n in names[k:] + names[:k]:
-            samples[n].append(time_once(variants[n], per[n], sync))
+            wall, cpu_s = time_pair(variants[n], per[n], sync)
+            samples[n].append(wall)
+            if cpu is not None:
+                cpu.setdefault(n, []).append(cpu_s)
     return samples
 
 

@@ -153,6 +153,8 @@ def test_peers_switch_backends_fields(tiny_run):
         "onnx, folded",
     } <= names
     assert "onnx, unfolded" in point["skipped"]  # the exporter folds BN itself: not servable
+    assert all(r["gflop_per_cpu_s"] > 0 for r in point["rows"])
+    assert len(point["cpu_samples_s"]["onnx, folded"]) == point["rounds"]
     assert point["onnx_over_torch"] > 0 and point["onnx_providers"]["folded"].startswith("CPU")
 
 

@@ -117,6 +117,11 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
             continue
         ref = "predict onnx (export rounds)" if part == "onnx export + session" else served
         ratios[part] = paired_ratio(samples[part], samples[ref])
+    # materialize = hypernets + (tree + BN deltas + folding): the second part, per round
+    tree_part = [m - h for m, h in zip(samples["materialize"], samples["hypernets"], strict=True)]
+    parts_derived = {"tree + BN deltas + folding (materialize - hypernets)": tree_part}
+    for name, s in parts_derived.items():
+        ratios[name] = paired_ratio(s, samples[served])
     switch_s = [
         m + w
         for m, w in zip(
@@ -129,7 +134,7 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         "size": size_label(hw),
         "served_backend": served.removeprefix("predict "),
         "preference": {"r": r, "c": c},
-        "parts": parts,
+        "parts": {**parts, **{n: summarize(s) for n, s in parts_derived.items()}},
         "over_predict": ratios,
         "switch_over_predict": paired_ratio(switch_s, samples[served]),
         "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
