@@ -58,7 +58,7 @@ export PYTHONUNBUFFERED=1
 
 # What the machine is, next to the results (the harness records versions and device too).
 {
-  nvidia-smi 2>&1 || echo "no nvidia-smi"
+  if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1; else echo "no nvidia-smi"; fi
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'available', torch.cuda.is_available())"
   "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \

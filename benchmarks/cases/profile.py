@@ -29,9 +29,10 @@ CONV_OPS = (
     "aten::_nnpack",
     "aten::cudnn_conv",
 )
-#: Profiles taken per network; the one with the least total time is kept, since on a shared
-#: machine a preemption inside one operator would otherwise be charged to that operator.
-REPEATS = 3
+#: Profiles taken per network, alternating between the networks; the one with the least total
+#: time is kept, since on a shared machine a preemption inside one operator would otherwise be
+#: charged to that operator.
+REPEATS = 5
 
 
 def _profile_once(ctx: Context, net: torch.nn.Module, x: torch.Tensor, rounds: int) -> Any:
@@ -48,8 +49,7 @@ def _profile_once(ctx: Context, net: torch.nn.Module, x: torch.Tensor, rounds: i
     return prof.key_averages()
 
 
-def _profile(ctx: Context, net: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str, Any]:
-    runs = [_profile_once(ctx, net, x, rounds) for _ in range(REPEATS)]
+def _summary(runs: list[Any], rounds: int) -> dict[str, Any]:
     totals = [sum(e.self_cpu_time_total for e in events) for events in runs]
     events = runs[totals.index(min(totals))]
     total = min(totals) / rounds / 1e3
@@ -101,11 +101,12 @@ def run(ctx: Context) -> dict[str, Any]:
         anchor = materialize(
             model, Tree("anchor", Architecture.fully_branched(n, layers), r, 0.0, "profiled")
         )
-    out = {
-        "point": worst,
-        "tree": _profile(ctx, tree, x, ctx.config.profile_rounds),
-        "anchor": _profile(ctx, anchor, x, ctx.config.profile_rounds),
-    }
+    rounds = ctx.config.profile_rounds
+    runs: dict[str, list[Any]] = {"tree": [], "anchor": []}
+    for _ in range(REPEATS):  # alternate, so both see the same spells of load
+        runs["tree"].append(_profile_once(ctx, tree, x, rounds))
+        runs["anchor"].append(_profile_once(ctx, anchor, x, rounds))
+    out = {"point": worst, **{name: _summary(r, rounds) for name, r in runs.items()}}
     for name in ("tree", "anchor"):
         (ctx.out_dir / f"profile_{name}.txt").write_text(out[name]["table"])
     return out
