@@ -58,6 +58,7 @@ def _proportionality(res: Mapping[str, Any]) -> dict[str, Any]:
                         "flop_ratio": row["flop_ratio"],
                         "time_ratio": row["time_ratio"],
                         "value": row["proportionality"],
+                        "cpu_value": row.get("cpu_proportionality"),
                     }
                 )
     worst = max((v for vals in by_c.values() for v in vals), key=lambda v: v["value"])
@@ -67,6 +68,10 @@ def _proportionality(res: Mapping[str, Any]) -> dict[str, Any]:
         worst["value"],
         f"{worst['tree']} at {worst['size']} batch {worst['batch']}",
         by_c={c: v["value"] for c, v in per_c.items()},
+        cpu_time_by_c={
+            c: max((v["cpu_value"] for v in vals if v["cpu_value"] is not None), default=None)
+            for c, vals in by_c.items()
+        },
         by_c_where={c: f"{v['tree']} at {v['size']} batch {v['batch']}" for c, v in per_c.items()},
         all_points=by_c,
     )
@@ -160,6 +165,8 @@ def summary_markdown(report: Mapping[str, Any], cases: Mapping[str, Any]) -> str
         lines.append(
             "Proportionality by c (worst point): "
             + ", ".join(f"c={c}: {val:.2f}" for c, val in prop["by_c"].items())
+            + "; in CPU time: "
+            + ", ".join(f"c={c}: {fmt(val)}" for c, val in prop.get("cpu_time_by_c", {}).items())
             + "\n"
         )
     for name, rec in report["cases"].items():

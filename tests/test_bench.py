@@ -117,6 +117,9 @@ def test_proportionality_rows_and_flop_ratios(tiny_run):
     assert rows["fully shared"]["flop_ratio"] == pytest.approx(want)
     for row in point["rows"]:
         assert row["proportionality"] == pytest.approx(row["time_ratio"] / row["flop_ratio"])
+        assert row["cpu_proportionality"] == pytest.approx(
+            row["cpu_time_ratio"] / row["flop_ratio"]
+        )
         assert len(point["samples_s"][row["architecture_id"]]) == point["rounds"]
     assert result["worst"]["proportionality"] == max(
         r["proportionality"] for r in point["rows"] if r["flop_ratio"] < 1

@@ -45,7 +45,8 @@ def measure_point(ctx: Context, size: str, batch: int, trees: list) -> dict[str,
         rounds = calibrate(
             variants, ctx.budget(), ctx.config.min_rounds, ctx.config.max_rounds, ctx.sync
         )
-        samples = interleave(variants, rounds, warmup=1, sync=ctx.sync)
+        cpu: dict[str, list[float]] = {}
+        samples = interleave(variants, rounds, warmup=1, sync=ctx.sync, cpu=cpu)
     rows = []
     for t in trees:
         aid = t.architecture.id
@@ -65,6 +66,10 @@ def measure_point(ctx: Context, size: str, batch: int, trees: list) -> dict[str,
                 "flop_ratio": flop_ratio,
                 "time_ratio": time_ratio,
                 "proportionality": time_ratio / flop_ratio,
+                # the same in CPU time: what the tree costs while it runs, preemptions left out
+                # (meaningful on the CPU with one intra-op thread; wall-clock is the goal's)
+                "cpu_time_ratio": paired_ratio(cpu[aid], cpu[ref]),
+                "cpu_proportionality": paired_ratio(cpu[aid], cpu[ref]) / flop_ratio,
                 **summarize(samples[aid]),
             }
         )
@@ -77,6 +82,7 @@ def measure_point(ctx: Context, size: str, batch: int, trees: list) -> dict[str,
         "anchor_unfolded_over_folded": paired_ratio(samples[ANCHOR_UNFOLDED], samples[ref]),
         "rows": rows,
         "samples_s": samples,
+        "cpu_samples_s": cpu,
     }
 
 
@@ -117,7 +123,15 @@ def markdown(result: dict[str, Any]) -> str:
         )
         parts.append(
             table(
-                ["tree", "parents", "median ms", "time / anchor", "FLOPs / anchor", "ratio"],
+                [
+                    "tree",
+                    "parents",
+                    "median ms",
+                    "time / anchor",
+                    "FLOPs / anchor",
+                    "ratio",
+                    "ratio in CPU time",
+                ],
                 [
                     [
                         r["tree"],
@@ -126,6 +140,7 @@ def markdown(result: dict[str, Any]) -> str:
                         fmt(r["time_ratio"]),
                         fmt(r["flop_ratio"]),
                         f"**{r['proportionality']:.2f}**",
+                        fmt(r.get("cpu_proportionality")),
                     ]
                     for r in p["rows"]
                 ],
