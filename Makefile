@@ -59,8 +59,9 @@ test-scale: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The quick benchmark (< 2 min on 2 CPU cores); `dymu bench --out DIR` is the full suite.
 bench: setup
-	$(PY) benchmarks/materialize.py
+	$(VENV)/bin/dymu bench --quick --out bench-results
 
 # The README's screenshots of the explorer (docs/img/), taken with the shipped model.
 screenshots: setup browser

@@ -183,3 +183,17 @@ def test_forward_tree_matches_materialized_and_is_differentiable(tiny_model):
             assert grad is not None and grad.abs().sum() > 0, (l, j)
         else:
             assert grad is None or grad.abs().sum() == 0, (l, j)
+
+
+def test_unit_normals_is_f_normalize_with_finite_gradients():
+    """The normals head's normalization (faster than F.normalize on the CPU) is F.normalize."""
+    import torch.nn.functional as F
+
+    from dymu.anchor import unit_normals
+
+    x = torch.randn(2, 3, 9, 7)
+    x[0, :, 0, 0] = 0  # a zero vector: F.normalize gives 0 there, and so must this
+    torch.testing.assert_close(unit_normals(x), F.normalize(x, dim=1), atol=1e-6, rtol=1e-6)
+    x.requires_grad_(True)
+    unit_normals(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all()

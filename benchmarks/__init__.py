@@ -1,0 +1,11 @@
+"""dymu's benchmark harness (``dymu bench``): compute that follows the preference, measured
+side by side. See docs/benchmarks.md.
+
+    from benchmarks import preset, run_bench
+    report = run_bench(preset("quick"), "bench-results")
+"""
+
+from .config import BenchConfig, preset
+from .harness import CASES, register_case, run_bench
+
+__all__ = ["CASES", "BenchConfig", "preset", "register_case", "run_bench"]

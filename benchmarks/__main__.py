@@ -1,0 +1,31 @@
+"""``python -m benchmarks [options]`` = ``dymu bench [options]``, from a plain checkout.
+
+``dymu bench`` is found through the installed package's entry points; this runs the same
+subcommand with nothing installed but the dependencies (``PYTHONPATH=.``), as
+``benchmarks/gpu.sh`` does on a machine where the repository is only copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dymu.errors import DymuError
+
+from .cli import add_bench_command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    add_bench_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except DymuError as exc:
+        print(f"dymu: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

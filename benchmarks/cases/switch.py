@@ -1,0 +1,168 @@
+"""Case 3: what a preference switch costs, part by part, against one predict call.
+
+Parts (each round uses a new random preference, so nothing is cached by accident):
+
+* ``hypernets``: edge hypernet -> arg-max tree, weight hypernet -> BN deltas of its used nodes;
+* ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + copy of
+  the used nodes + BN deltas + folding;
+* ``onnx weights``: feeding a preference's folded weights to its tree's existing ONNX session
+  (``OnnxSession.weights``: what a switch adds when the tree was seen before);
+* ``onnx export + session``: a tree seen for the first time (``export_onnx`` + ``OnnxSession``,
+  the service's code; the service does it on a background thread and serves torch meanwhile);
+* ``cache hit``: the service's canonical key of (r, c) + ``PreferenceCache.get``.
+
+Predict = one image at batch 1 through the served tree, on torch and on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import size_label
+from ..harness import Context, register_case
+from ..nets import hand_made_trees, materialize
+from ..report import fmt, table
+from ..timing import interleave, paired_ratio, summarize
+
+PARTS = ("hypernets", "materialize", "onnx weights", "cache hit")
+
+
+def served_preference(n: int) -> tuple[list[float], float]:
+    """The preference the service benchmarks use: (0.6, 0.3, 0.1), c = 0.5 for N = 3."""
+    if n == 3:
+        return [0.6, 0.3, 0.1], 0.5
+    w = np.arange(n, 0, -1, dtype=float)
+    return list(w / w.sum()), 0.5
+
+
+def random_preferences(n: int, count: int, seed: int) -> list[tuple[list[float], float]]:
+    rng = np.random.default_rng(seed)
+    return [(list(rng.dirichlet(np.ones(n))), float(rng.uniform())) for _ in range(count)]
+
+
+def onnx_ok() -> bool:
+    from service.backends import onnx_available
+
+    return onnx_available()
+
+
+def measure_size(ctx: Context, size: str) -> dict[str, Any]:
+    from service import prefid
+    from service.backends import OnnxSession, export_onnx
+    from service.cache import PreferenceCache
+
+    model, hw, cfg = ctx.model, ctx.hw(size), ctx.config
+    x = ctx.images(1, hw)
+    r, c = served_preference(model.n_tasks)
+    with torch.no_grad():
+        net = model.materialize(r, c)
+    prefs = itertools.cycle(random_preferences(model.n_tasks, 64, cfg.seed))
+
+    def hypernets() -> None:
+        pr, pc = next(prefs)
+        arch = model.architecture(pr, pc)
+        model.bn_deltas(pr, pc, nodes=arch.node_list())
+
+    def switch() -> None:
+        pr, pc = next(prefs)
+        model.materialize(pr, pc)
+
+    cache: PreferenceCache = PreferenceCache(64, 2**30)
+    _, key = prefid.canonicalize(r, c, model.tasks)
+    cache.put(key, SimpleNamespace(nbytes=0))
+
+    def cache_hit() -> None:
+        _, k = prefid.canonicalize(r, c, model.tasks)
+        assert cache.get(k) is not None
+
+    variants: dict[str, Any] = {
+        "hypernets": hypernets,
+        "materialize": switch,
+        "cache hit": cache_hit,
+        "predict torch": lambda: net(x),
+    }
+    number = {"cache hit": 200}
+    session = None
+    if onnx_ok():
+        session = OnnxSession(export_onnx(net, hw), ctx.device, ctx.config.threads)
+        weights = session.weights(net)
+        xn = x.cpu().numpy()
+        variants["onnx weights"] = lambda: session.weights(net)
+        variants["predict onnx"] = lambda: session.run(xn, weights)
+    with torch.no_grad():
+        samples = interleave(variants, cfg.switch_rounds, warmup=1, number=number, sync=ctx.sync)
+        if session is not None:  # first sight of a tree: every round a different one
+            trees = itertools.cycle(hand_made_trees(model))
+            nets = [materialize(model, next(trees)) for _ in range(cfg.export_rounds + 1)]
+            fresh = iter(nets)
+            export = {
+                "onnx export + session": lambda: OnnxSession(
+                    export_onnx(next(fresh), hw), ctx.device, ctx.config.threads
+                ),
+                "predict onnx": variants["predict onnx"],
+            }
+            extra = interleave(export, cfg.export_rounds, warmup=1, sync=ctx.sync)
+            samples["onnx export + session"] = extra["onnx export + session"]
+            samples["predict onnx (export rounds)"] = extra["predict onnx"]
+    served = "predict onnx" if session is not None else "predict torch"
+    parts = {name: summarize(s) for name, s in samples.items()}
+    ratios: dict[str, float] = {}
+    for part in (*PARTS, "onnx export + session"):
+        if part not in samples:
+            continue
+        ref = "predict onnx (export rounds)" if part == "onnx export + session" else served
+        ratios[part] = paired_ratio(samples[part], samples[ref])
+    # materialize = hypernets + (tree + BN deltas + folding): the second part, per round
+    tree_part = [m - h for m, h in zip(samples["materialize"], samples["hypernets"], strict=True)]
+    parts_derived = {"tree + BN deltas + folding (materialize - hypernets)": tree_part}
+    for name, s in parts_derived.items():
+        ratios[name] = paired_ratio(s, samples[served])
+    switch_s = [
+        m + w
+        for m, w in zip(
+            samples["materialize"],
+            samples.get("onnx weights", [0.0] * len(samples["materialize"])),
+            strict=True,
+        )
+    ]
+    return {
+        "size": size_label(hw),
+        "served_backend": served.removeprefix("predict "),
+        "preference": {"r": r, "c": c},
+        "parts": {**parts, **{n: summarize(s) for n, s in parts_derived.items()}},
+        "over_predict": ratios,
+        "switch_over_predict": paired_ratio(switch_s, samples[served]),
+        "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
+        "samples_s": samples,
+    }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    sizes = []
+    for size in ctx.config.switch_sizes:
+        ctx.log(f"  switch at {size}")
+        sizes.append(measure_size(ctx, size))
+    return {"sizes": sizes}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    parts = []
+    for s in result["sizes"]:
+        parts.append(
+            f"**predict at {s['size']}, batch 1** (served backend: {s['served_backend']}; "
+            f"switch / predict = **{s['switch_over_predict']:.2f}**)\n"
+        )
+        rows = [
+            [name, fmt(p["median_ms"], 3), fmt(s["over_predict"].get(name), 3)]
+            for name, p in s["parts"].items()
+        ]
+        parts.append(table(["part", "median ms", f"/ predict {s['served_backend']}"], rows))
+    return "\n".join(parts)
+
+
+register_case("switch", 3, "Preference switch vs one predict", markdown)(run)

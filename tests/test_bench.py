@@ -1,0 +1,225 @@
+"""`dymu bench`: the harness in its tiny mode writes every promised file and field.
+
+No timing is asserted (speed is measured by the benchmark, never in tests): the checks are on
+the structure of the results, on the numbers that do not depend on timing (FLOP ratios, costs,
+versions, the store's newest version) and on the interleaving itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from benchmarks.__main__ import main as bench_main
+from benchmarks.machine import fp32_flops_per_cycle
+from benchmarks.nets import hard_shared_cost
+from benchmarks.timing import interleave, paired_ratio
+from dymu.architecture import Architecture
+
+from .conftest import randomize_, tiny_config
+
+CASES = (
+    "proportionality",
+    "peers",
+    "switch",
+    "backends",
+    "server",
+    "scaling",
+    "paper_scale",
+    "profile",
+)
+HEADLINE = (
+    "proportionality",
+    "switch_over_predict",
+    "server_overhead",
+    "onnx_over_torch",
+    "fma_fraction",
+)
+
+
+def dymu_exe() -> str:
+    return shutil.which("dymu") or str(Path(sys.executable).parent / "dymu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run over a store with two versions (the harness must take the newest)."""
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    dymu.save(randomize_(dymu.create_model(tiny_config()), seed=1), root / "store")
+    model = randomize_(dymu.create_model(tiny_config()), seed=2)
+    dymu.save(model, root / "store")  # v2
+    out = root / "out"
+    proc = subprocess.run(
+        [dymu_exe(), "bench", "--tiny", "--model", str(root / "store"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    return report, out, dymu.load(root / "store", device="cpu")
+
+
+def test_every_file_and_top_level_field(tiny_run):
+    report, out, _ = tiny_run
+    for name in ("results.json", "summary.md", "profile_tree.txt", "profile_anchor.txt"):
+        assert (out / name).stat().st_size > 0, name
+    assert report["schema"] == "dymu-bench/1" and report["mode"] == "tiny"
+    assert report["command"].startswith("dymu bench --tiny --out ")
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["versions"]["onnxruntime"]["version"]
+    assert report["device"]["device"] == "cpu" and report["device"]["torch_threads"] >= 1
+    assert len(report["machine"]["loadavg"]) == 3 and report["machine"]["cores_available"] >= 1
+    assert report["model"]["version"] == "v2"  # the newest version, not v1
+    assert report["peak"]["fma"]["flops_per_cycle_per_core"] >= 8
+    assert report["peak"]["matmul"]["samples_s"]
+    assert set(report["cases"]) == set(CASES)
+    for name, rec in report["cases"].items():
+        assert rec["status"] == "ok", (name, rec.get("traceback"))
+        assert rec["wall_s"] >= 0 and len(rec["loadavg_start"]) == 3
+    for name in HEADLINE:
+        goal = report["headline"][name]
+        assert {"value", "goal", "met", "where"} <= set(goal), name
+        assert goal["value"] > 0 and isinstance(goal["met"], bool)
+    assert set(report["headline"]["proportionality"]["by_c"]) == {"0", "0.5", "1"}
+
+
+def test_summary_has_every_case_and_the_headline(tiny_run):
+    report, out, _ = tiny_run
+    text = (out / "summary.md").read_text()
+    assert report["command"] in text and "## Headline" in text
+    for rec in report["cases"].values():
+        assert f"## {rec['number']}. {rec['title']}" in text
+    for name in HEADLINE:
+        assert f"| {name} |" in text
+
+
+def test_proportionality_rows_and_flop_ratios(tiny_run):
+    report, _, model = tiny_run
+    result = report["cases"]["proportionality"]["result"]
+    point = result["points"][0]
+    rows = {r["tree"]: r for r in point["rows"]}
+    for r in ("uniform r", "skewed r"):
+        for c in ("0", "0.5", "1"):
+            assert f"{r}, c={c}" in rows
+    assert rows["fully branched"]["flop_ratio"] == 1.0
+    hw = tuple(int(v) for v in point["size"].split("x"))
+    shared = Architecture.fully_shared(model.n_tasks, model.n_layers)
+    want = model.cost(shared, hw).flops / model.anchor_cost(hw).flops
+    assert rows["fully shared"]["flop_ratio"] == pytest.approx(want)
+    for row in point["rows"]:
+        assert row["proportionality"] == pytest.approx(row["time_ratio"] / row["flop_ratio"])
+        assert row["cpu_proportionality"] == pytest.approx(
+            row["cpu_time_ratio"] / row["flop_ratio"]
+        )
+        assert len(point["samples_s"][row["architecture_id"]]) == point["rounds"]
+    assert result["worst"]["proportionality"] == max(
+        r["proportionality"] for r in point["rows"] if r["flop_ratio"] < 1
+    )
+
+
+def test_peers_switch_backends_fields(tiny_run):
+    report, _, model = tiny_run
+    cases = {k: v["result"] for k, v in report["cases"].items()}
+    peers = {r["network"]: r for r in cases["peers"]["points"][0]["rows"]}
+    single = peers["N single-task networks, one after another"]
+    hard = peers["hard-shared network (PHN / PHN-BN)"]
+    hw = model.input_size
+    assert single["gflops_per_image"] == pytest.approx(model.anchor_cost(hw).gflops)
+    assert hard["params"] == hard_shared_cost(model, hw).params < single["params"]
+    assert all(r["images_per_s"] > 0 for r in peers.values())
+
+    switch = cases["switch"]["sizes"][0]
+    assert {
+        "hypernets",
+        "materialize",
+        "onnx weights",
+        "cache hit",
+        "onnx export + session",
+    } <= set(switch["over_predict"])
+    assert switch["served_backend"] == "onnx" and switch["switch_over_predict"] > 0
+
+    point = cases["backends"]["points"][0]
+    names = {r["backend"] for r in point["rows"]}
+    assert {
+        "torch eager, folded",
+        "torch eager, unfolded",
+        "torch channels-last, folded",
+        "onnx, folded",
+    } <= names
+    assert "onnx, unfolded" in point["skipped"]  # the exporter folds BN itself: not servable
+    assert all(r["gflop_per_cpu_s"] > 0 for r in point["rows"])
+    assert len(point["cpu_samples_s"]["onnx, folded"]) == point["rounds"]
+    assert point["onnx_over_torch"] > 0 and point["onnx_providers"]["folded"].startswith("CPU")
+
+
+def test_server_scaling_paper_profile_fields(tiny_run):
+    report, _, _ = tiny_run
+    cases = {k: v["result"] for k, v in report["cases"].items()}
+    run = cases["server"]["runs"][0]
+    assert run["backend"] == "onnx"
+    rows = {r["variant"]: r for r in run["sizes"][0]["rows"]}
+    assert set(rows) == {"direct"} | {
+        f"http {f}, batching {m}" for f in ("JSON-PNG", "npz") for m in ("on", "off")
+    }
+    assert rows["http JSON-PNG, batching off"]["backends"] == ["onnx"]
+    assert rows["http npz, batching on"]["server_model_ms"] > 0
+    loads = run["throughput"]
+    assert {(t["clients"], t["batching"]) for t in loads} == {
+        (c, m) for c in report["config"]["server_clients"] for m in ("on", "off")
+    }
+    assert all(t["images"] == len(t["latencies_s"]) > 0 for t in loads)
+    assert run["preference"]["samples_s"]["new"]
+
+    scaling = cases["scaling"]["rows"]
+    assert [r["n_tasks"] for r in scaling] == [2, 3]
+    assert scaling[1]["control_params"] > scaling[0]["control_params"]
+    assert scaling[1]["anchor_mib"] > scaling[0]["anchor_mib"]
+    assert all(r["soft_over_one_stream"] > 0 for r in scaling)
+
+    paper = cases["paper_scale"]
+    default = next(iter(paper["counts"].values()))
+    # ResNet-34 encoder = 21,284,672 params per stream (torchvision, without fc)
+    assert default["params_encoder_nodes"] == 3 * 21_284_672
+    assert set(default["within_5pct"]) == set(default["relative_to_paper"])
+    assert "multiply-adds" in paper["implied_convention"]
+
+    prof = cases["profile"]
+    assert prof["tree"]["top_ops"] and 0 < prof["tree"]["conv_share"] <= 1
+
+
+def test_interleave_alternates_variants_in_rotating_order():
+    calls: list[str] = []
+    variants = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    samples = interleave(variants, rounds=3, warmup=0)
+    assert calls == list("abcbcacab")
+    assert all(len(s) == 3 for s in samples.values())
+    assert paired_ratio([2.0, 4.0, 100.0], [1.0, 2.0, 1.0]) == 2.0
+
+
+def test_fma_peak_from_flags():
+    assert fp32_flops_per_cycle({"avx512f", "avx2", "fma"}, "GenuineIntel", 6)[0] == 64
+    assert fp32_flops_per_cycle({"avx512f", "avx2", "fma"}, "AuthenticAMD", 25)[0] == 32
+    assert fp32_flops_per_cycle({"avx2", "fma"}, "AuthenticAMD", 23)[0] == 32
+    assert fp32_flops_per_cycle(set(), "", None)[0] == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cases", "nope"], "unknown case(s) nope"),
+        (["--model", "/nonexistent/store"], "no model at /nonexistent/store"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
+    assert bench_main(["--tiny", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dymu: error: ") and err.count("\n") == 1 and message in err
