@@ -45,8 +45,12 @@ from .data import DATASETS, build_dataset
 from .tasks import weighted_task_loss
 
 STAGES = ("anchor", "affinity", "edge", "weight")
-# Independent random streams: batch indices per stage, and preferences + Gumbel noise.
-_STREAM_ID = {name: i for i, name in enumerate((*STAGES, "edge-pref", "weight-pref"))}
+# Independent random streams: batch indices per stage, and preferences + Gumbel noise. The
+# baselines' streams (training/baselines) come last so that the ids of the others never change.
+_STREAM_ID = {
+    name: i
+    for i, name in enumerate((*STAGES, "edge-pref", "weight-pref", "baseline", "baseline-pref"))
+}
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 LOG = "train_log.csv"
@@ -216,10 +220,13 @@ def _train(
     loss_fn: LossFn,
     lr_at: Callable[[int], float],
     weight_decay: float = 0.0,
+    stream: str | None = None,
 ) -> None:
     """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
 
-    ``loss_fn(step, batch) -> (loss, stats)`` is all a stage supplies.
+    ``loss_fn(step, batch) -> (loss, stats)`` is all a stage supplies. ``stream`` names the
+    random stream of the batch indices when it is not ``stage`` (the baselines: one stream for
+    every method, so that they all see the same batches).
     """
     from tqdm import tqdm
 
@@ -236,7 +243,9 @@ def _train(
         dynamic_ncols=True,
         unit="step",
     )
-    for step, batch in enumerate(run.batches(stage, start, steps, cfg.batch_size), start=start):
+    for step, batch in enumerate(
+        run.batches(stream or stage, start, steps, cfg.batch_size), start=start
+    ):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss, stats = loss_fn(step, batch)
@@ -389,16 +398,19 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
 
 
 # -- the whole run --------------------------------------------------------------------------------
+def model_config(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> ModelConfig:
+    """The model shape of a training config for a dataset's tasks (dymu and the baselines)."""
+    return ModelConfig(
+        tasks=tasks,
+        backbone=config.backbone,
+        input_size=config.input_size,
+        hypernet=config.hypernet,
+    )
+
+
 def build_model(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> dymu.ControllableModel:
     torch.manual_seed(config.seed)
-    return dymu.create_model(
-        ModelConfig(
-            tasks=tasks,
-            backbone=config.backbone,
-            input_size=config.input_size,
-            hypernet=config.hypernet,
-        )
-    )
+    return dymu.create_model(model_config(config, tasks))
 
 
 def split_dataset(config: TrainConfig, held_out: bool = False) -> Any:
