@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,6 +97,15 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def forward_cost(module: nn.Module, *args: Any) -> tuple[Cost, Any]:
+    """``(Cost, output)`` of one call ``module(*args)``: the conv/linear FLOPs of that call,
+    counted by forward hooks (:func:`conv2d_flops`, :func:`linear_flops`), and the params of
+    ``module``. Run it on a ``meta`` device copy to count without weights or compute."""
+    with _FlopCounter(module) as counter:
+        out = module(*args)
+    return Cost(flops=counter.flops, params=count_params(module)), out
+
+
 @dataclass(frozen=True)
 class NodeCosts:
     """Per-node and per-head cost tables at one input size (``[layer][stream]``)."""
@@ -145,16 +155,13 @@ class CostModel:
             y = torch.empty(1, anchor.in_channels, *hw, device="meta")
             feats = []
             for l in range(anchor.num_layers):
-                node = anchor.node(l, j)
-                with _FlopCounter(node) as counter:
-                    y = node(y)
-                flops[l][j], params[l][j] = counter.flops, count_params(node)
+                cost, y = forward_cost(anchor.node(l, j), y)
+                flops[l][j], params[l][j] = cost.flops, cost.params
                 if l in anchor.taps:
                     feats.append(y)
-            with _FlopCounter(anchor.head(j)) as counter:
-                anchor.head(j)(feats, hw)
-            head_flops.append(counter.flops)
-            head_params.append(count_params(anchor.head(j)))
+            cost, _ = forward_cost(anchor.head(j), feats, hw)
+            head_flops.append(cost.flops)
+            head_params.append(cost.params)
         return NodeCosts(
             hw,
             tuple(map(tuple, flops)),

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its own `manifest_sha256` entry (canonical JSON)."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(
         json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -116,9 +117,17 @@ def read_manifest(version_dir: str | os.PathLike, verify: bool = True) -> dict[s
     return manifest
 
 
-def verify_artifact(version_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Raise :class:`ArtifactError` naming the first missing, changed or unlisted file."""
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+def verify_artifact(
+    version_dir: Path,
+    manifest: Mapping[str, Any],
+    required: Iterable[str] = tuple(COMPONENTS.values()),
+) -> None:
+    """Raise :class:`ArtifactError` naming the first missing, changed or unlisted file.
+
+    ``required`` are the files the manifest must list (a dymu artifact's three components by
+    default; other checksummed directories, e.g. the baselines', name their own).
+    """
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ArtifactError(
             f"{version_dir / MANIFEST} was modified after it was written "
             "(manifest_sha256 does not match)"
@@ -126,9 +135,9 @@ def verify_artifact(version_dir: Path, manifest: Mapping[str, Any]) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{version_dir / MANIFEST} lists no files")
-    for required in COMPONENTS.values():
-        if required not in files:
-            raise ArtifactError(f"incomplete artifact {version_dir}: {required} is not listed")
+    for name in required:
+        if name not in files:
+            raise ArtifactError(f"incomplete artifact {version_dir}: {name} is not listed")
     for name, entry in files.items():
         path = version_dir / name
         if not path.is_file():
@@ -252,7 +261,7 @@ def _publish(root: Path, tmp: Path, manifest: dict[str, Any], version: str | Non
     for _ in range(100):
         name = version or _next_version(root)
         manifest["version"] = name
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -145,7 +145,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tiny_model, sa
         "sha256": store.sha256_file(saved / "anchor.safetensors"),
         "bytes": (saved / "anchor.safetensors").stat().st_size,
     }
-    m["manifest_sha256"] = store._manifest_digest(m)
+    m["manifest_sha256"] = store.manifest_digest(m)
     (saved / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=r"anchor\.safetensors does not fit"):
         dymu.load(saved, device="cpu")

@@ -107,6 +107,30 @@ class WeightStage(HypernetStage):
     """Stage 2: the weight hypernet (BN deltas); anchor and edge hypernet frozen."""
 
 
+class BaselinesConfig(_Strict):
+    """Budgets and sizes of the baselines (training/baselines, docs/baselines.md).
+
+    Unset budgets follow the dymu stages, so that the comparison is fair: a dynamic baseline
+    (PHN, PHN-BN, CPMTL) sees as many training images as the whole dymu pipeline (anchor + edge
+    + weight stages), in batches of the anchor's size; each static network is trained like one
+    anchor stream (``anchor.steps`` batches of ``anchor.batch_size``).
+    """
+
+    steps: int | None = Field(
+        default=None, ge=1, description="per dynamic baseline; default: dymu's images / batch"
+    )
+    batch_size: int | None = Field(default=None, ge=1, description="default: anchor.batch_size")
+    lr: float | None = Field(default=None, gt=0, description="Adam; default: anchor.lr")
+    lr_decay: float = Field(default=0.3, gt=0, le=1)
+    lr_decay_every: int | None = Field(default=None, ge=1, description="default: 14k/30k of steps")
+    weight_decay: float | None = Field(default=None, ge=0, description="default: anchor's")
+    eta: float = Field(default=0.2, gt=0, description="Dirichlet concentration of r (as dymu)")
+    static_count: int = Field(default=5, ge=1, description="K static networks (paper Fig. 6)")
+    static_steps: int | None = Field(default=None, ge=1, description="default: anchor.steps")
+    chunk_size: int = Field(default=1024, ge=1, description="PHN/CPMTL: outputs per chunk")
+    chunk_embed_dim: int = Field(default=32, ge=1, description="PHN/CPMTL: chunk embedding size")
+
+
 class TrainConfig(_Strict):
     """A whole training run: model shape, data, and the four stages."""
 
@@ -120,6 +144,7 @@ class TrainConfig(_Strict):
     affinity: AffinityStage = Field(default_factory=AffinityStage)
     edge: EdgeStage = Field(default_factory=EdgeStage)
     weight: WeightStage = Field(default_factory=WeightStage)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     checkpoint_every: int = Field(default=250, ge=1)
     log_every: int = Field(default=10, ge=1)
     amp: bool = Field(default=True, description="bfloat16 autocast on CUDA (ignored on CPU)")
@@ -136,12 +161,40 @@ class TrainConfig(_Strict):
             steps = stage.steps  # type: ignore[attr-defined]
             return stage.model_copy(update={"steps": max(1, round(steps * factor)) if steps else 0})
 
+        # Unset baseline budgets follow the scaled stages by themselves.
+        base = self.baselines
+        baselines = base.model_copy(
+            update={
+                k: max(1, round(getattr(base, k) * factor))
+                for k in ("steps", "static_steps")
+                if getattr(base, k) is not None
+            }
+        )
         return self.model_copy(
             update={
                 "anchor": scale(self.anchor),
                 "edge": scale(self.edge),
                 "weight": scale(self.weight),
+                "baselines": baselines,
             }
+        )
+
+    def baseline_budget(self, static: bool = False) -> HypernetStage:
+        """Steps, batch size and learning-rate schedule of one baseline (see BaselinesConfig)."""
+        b = self.baselines
+        batch = b.batch_size or self.anchor.batch_size
+        if static:
+            steps = b.static_steps or self.anchor.steps
+        else:
+            images = sum(s.steps * s.batch_size for s in (self.anchor, self.edge, self.weight))
+            steps = b.steps or max(1, round(images / batch))
+        return HypernetStage(
+            steps=steps,
+            batch_size=batch,
+            lr=b.lr or self.anchor.lr,
+            lr_decay=b.lr_decay,
+            lr_decay_every=b.lr_decay_every,
+            eta=b.eta,
         )
 
 

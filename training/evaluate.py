@@ -10,7 +10,7 @@ the single-task stream.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,12 @@ from .tasks import make_meters
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
+def batches(dataset: Any, batch_size: int = 32) -> Iterator[dict[str, torch.Tensor]]:
+    """The split in order, collated into batches of ``batch_size`` (the last one may be short)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
 @torch.no_grad()
 def evaluate(
     predict: Predictor,
@@ -32,10 +38,14 @@ def evaluate(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Split-level metrics (including the mean task ``loss``) of ``predict`` per task."""
+    """Split-level metrics (including the mean task ``loss``) of ``predict`` per task.
+
+    ``dataset`` is a dataset, or a list of already collated batches (see :func:`batches`), which
+    saves decoding the split again when many predictors are evaluated on it.
+    """
     meters = make_meters(tasks)
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    source = dataset if isinstance(dataset, list) else batches(dataset, batch_size)
+    for batch in source:
         out = predict(batch["image"].to(device))
         for t in tasks:
             if t.name in out:

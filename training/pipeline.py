@@ -53,8 +53,12 @@ from .distributed import shutdown as distributed_shutdown
 from .tasks import weighted_task_loss
 
 STAGES = ("anchor", "affinity", "edge", "weight")
-# Independent random streams: batch indices per stage, and preferences + Gumbel noise.
-_STREAM_ID = {name: i for i, name in enumerate((*STAGES, "edge-pref", "weight-pref"))}
+# Independent random streams: batch indices per stage, and preferences + Gumbel noise. The
+# baselines' streams (training/baselines) come last so that the ids of the others never change.
+_STREAM_ID = {
+    name: i
+    for i, name in enumerate((*STAGES, "edge-pref", "weight-pref", "baseline", "baseline-pref"))
+}
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 LOG = "train_log.csv"
@@ -248,12 +252,15 @@ def _train(
     lr_at: Callable[[int], float],
     weight_decay: float = 0.0,
     find_unused: bool = False,
+    stream: str | None = None,
 ) -> None:
     """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
 
     ``loss_fn(net, step, batch) -> (loss, stats)`` is all a stage supplies; ``net`` is
     ``module`` itself, or ``module`` under DistributedDataParallel when run by torchrun (the
     stage must call ``net``, not ``module``, so that the gradients are averaged across ranks).
+    ``stream`` names the random stream of the batch indices when it is not ``stage`` (the
+    baselines: one stream for every method, so that they all see the same batches).
     """
     from tqdm import tqdm
 
@@ -271,7 +278,9 @@ def _train(
         dynamic_ncols=True,
         unit="step",
     )
-    for step, batch in enumerate(run.batches(stage, start, steps, cfg.batch_size), start=start):
+    for step, batch in enumerate(
+        run.batches(stream or stage, start, steps, cfg.batch_size), start=start
+    ):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss, stats = loss_fn(net, step, batch)
@@ -426,16 +435,19 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
 
 
 # -- the whole run --------------------------------------------------------------------------------
+def model_config(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> ModelConfig:
+    """The model shape of a training config for a dataset's tasks (dymu and the baselines)."""
+    return ModelConfig(
+        tasks=tasks,
+        backbone=config.backbone,
+        input_size=config.input_size,
+        hypernet=config.hypernet,
+    )
+
+
 def build_model(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> dymu.ControllableModel:
     torch.manual_seed(config.seed)
-    return dymu.create_model(
-        ModelConfig(
-            tasks=tasks,
-            backbone=config.backbone,
-            input_size=config.input_size,
-            hypernet=config.hypernet,
-        )
-    )
+    return dymu.create_model(model_config(config, tasks))
 
 
 def split_dataset(config: TrainConfig, held_out: bool = False) -> Any:

@@ -1,0 +1,118 @@
+"""Hypervolume and uniformity (training.evaluation.metrics) against hand-computed values and an
+independent exact implementation (inclusion–exclusion over subsets)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from training.evaluation.metrics import (
+    EXACT_MAX_OBJECTIVES,
+    REFERENCE_POINTS,
+    hypervolume,
+    reference_point,
+    uniformity,
+)
+
+
+def hv_inclusion_exclusion(points: np.ndarray, ref: np.ndarray) -> float:
+    """HV = Σ_{S ≠ ∅} (−1)^{|S|+1} Π_k (ref_k − max_{p ∈ S} p_k)_+ (exact, exponential in |S|)."""
+    total = 0.0
+    for size in range(1, len(points) + 1):
+        for subset in itertools.combinations(points, size):
+            corner = np.max(subset, axis=0)
+            total += (-1) ** (size + 1) * float(np.prod(np.clip(ref - corner, 0, None)))
+    return total
+
+
+STAIRCASE = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
+
+
+def test_staircase_2d():
+    # columns [1,2) x 1, [2,3) x 2, [3,4) x 3 under the reference (4, 4): 1 + 2 + 3
+    hv = hypervolume(STAIRCASE, [4, 4])
+    assert hv.value == pytest.approx(6.0, abs=1e-12)
+    assert hv.exact and hv.n_points == 3 and hv.n_inside == 3
+
+
+def test_dominated_point_adds_nothing():
+    assert hypervolume([*STAIRCASE, [3.0, 3.0], [2.0, 2.5]], [4, 4]).value == pytest.approx(6.0)
+
+
+def test_point_beyond_reference_adds_nothing():
+    # beyond in one objective (even if far better in the other), or exactly on the boundary
+    hv = hypervolume([*STAIRCASE, [5.0, 0.0], [0.5, 4.0]], [4, 4])
+    assert hv.value == pytest.approx(6.0)
+    assert hv.n_inside == 3
+    assert hypervolume([[5.0, 5.0]], [4, 4]).value == 0.0
+    assert hypervolume(np.zeros((0, 2)), [4, 4]).value == 0.0
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_random_fronts_match_inclusion_exclusion(m):
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        pts = rng.uniform(0, 1, size=(int(rng.integers(1, 8)), m))
+        ref = np.full(m, 1.1)
+        got = hypervolume(pts, ref)
+        assert got.exact
+        assert got.value == pytest.approx(hv_inclusion_exclusion(pts, ref), rel=1e-9, abs=1e-12)
+
+
+def test_approximation_beyond_ten_objectives_is_close_deterministic_and_labelled():
+    m = EXACT_MAX_OBJECTIVES + 2
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 0.6, size=(6, m))
+    ref = np.ones(m)
+    first, second = hypervolume(pts, ref), hypervolume(pts, ref)
+    assert not first.exact and "approximate" in first.method
+    assert first.value == second.value  # fixed sample count and method: repeatable
+    assert first.value == pytest.approx(hv_inclusion_exclusion(pts, ref), rel=0.02)
+    assert hypervolume(pts[:, :EXACT_MAX_OBJECTIVES], ref[:EXACT_MAX_OBJECTIVES]).exact
+
+
+def test_hypervolume_rejects_bad_shapes_and_nan():
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        hypervolume([[1.0, 2.0]], [3, 3, 3])
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume([[math.nan, 1.0]], [3, 3])
+
+
+def test_uniformity_is_one_exactly_when_weighted_losses_are_equal():
+    assert uniformity([0.5, 0.25, 0.25], [1.0, 2.0, 2.0]) == 1.0
+    assert uniformity([1, 1, 1, 1], [0.3] * 4) == 1.0
+    assert uniformity([2.0, 1.0], [1.0, 2.0]) == 1.0  # r is normalized first
+    assert uniformity([0.5, 0.5], [1.0, 1.001]) < 1.0
+
+
+def test_uniformity_hand_value():
+    # L̂ = (0.25, 0.75): KL(L̂ || 1/2) = 0.25 ln 0.5 + 0.75 ln 1.5
+    want = 1 - (0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert uniformity([0.5, 0.5], [1.0, 3.0]) == pytest.approx(want, rel=1e-12)
+    # all weight on one task: L̂ one-hot, KL = ln N, the minimum 1 - ln N
+    assert uniformity([1.0, 0.0, 0.0], [0.2, 5.0, 5.0]) == pytest.approx(1 - math.log(3))
+
+
+def test_uniformity_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        uniformity([0.5, 0.5], [1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        uniformity([0.5, 0.5], [-1.0, 1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        uniformity([1.0, 0.0], [0.0, 1.0])
+
+
+def test_reference_points_follow_task_order_and_explain_themselves():
+    assert reference_point("scenes", ["normals", "segmentation"]) == [
+        REFERENCE_POINTS["scenes"].values["normals"],
+        REFERENCE_POINTS["scenes"].values["segmentation"],
+    ]
+    assert reference_point("cifar100-20", [f"t{i}" for i in range(20)]) == [1.0] * 20
+    assert all(p.why for p in REFERENCE_POINTS.values())
+    with pytest.raises(ValueError, match="no reference point for benchmark"):
+        reference_point("mnist", ["a"])
+    with pytest.raises(ValueError, match="no value for task"):
+        reference_point("scenes", ["segmentation", "edges"])
