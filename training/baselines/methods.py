@@ -67,7 +67,26 @@ def _demote_parameters(net: nn.Module, prefix: str = "") -> dict[str, torch.Tens
     return targets
 
 
-class Baseline(nn.Module):
+class _ConfigTasks:
+    """``tasks``, ``n_tasks`` and ``input_size`` of the controllable-like interface, read from
+    ``self.config`` (a :class:`ModelConfig`), for every method of this module."""
+
+    config: ModelConfig
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.config.task_names
+
+    @property
+    def n_tasks(self) -> int:
+        return self.config.n_tasks
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.config.input_size)
+
+
+class Baseline(_ConfigTasks, nn.Module):
     """A hard-shared network and (except for ``static``) a generator of some of its parameters.
 
     ``forward(images, r)`` is the training forward (differentiable in the generator);
@@ -88,18 +107,6 @@ class Baseline(nn.Module):
         return None
 
     # -- the controllable-like interface ------------------------------------------------------
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.config.task_names
-
-    @property
-    def n_tasks(self) -> int:
-        return self.config.n_tasks
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.config.input_size)
-
     @property
     def control_params(self) -> int:
         """Size of the hypernetwork (the paper's "Control Params"); 0 without one."""
@@ -198,7 +205,7 @@ class StaticMTL(Baseline):
 BASELINES: dict[str, type[Baseline]] = {cls.kind: cls for cls in (PHN, PHNBN, CPMTL, StaticMTL)}
 
 
-class StaticSet:
+class StaticSet(_ConfigTasks):
     """K static networks as one method: ``materialize(r)`` serves the one whose r_k is nearest.
 
     ``members`` keep their own ``r`` and ``train_seconds`` (HV against training time, Fig. 6).
@@ -216,18 +223,6 @@ class StaticSet:
     control_params = 0
 
     @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.config.task_names
-
-    @property
-    def n_tasks(self) -> int:
-        return self.config.n_tasks
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.config.input_size)
-
-    @property
     def train_seconds(self) -> float:
         return sum(m.train_seconds for m in self.members)
 
@@ -242,7 +237,7 @@ class StaticSet:
         return self.nearest(r, c).materialize(r, c, tasks)
 
 
-class SingleTask:
+class SingleTask(_ConfigTasks):
     """The Single-Task row: the anchor's streams alone (fully branched tree, no adaptation)."""
 
     kind = "single-task"
@@ -252,18 +247,6 @@ class SingleTask:
         self.model = model
         self.config = model.config
         self.manifest = model.manifest
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.model.tasks
-
-    @property
-    def n_tasks(self) -> int:
-        return self.model.n_tasks
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.model.input_size
 
     def materialize(
         self, r: Any, c: Any = None, tasks: Iterable[str] | str | None = None
