@@ -9,14 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 import dymu
-from dymu.anchor import AnchorNet, check_image, fold_batchnorm_
 from dymu.architecture import Architecture
-from dymu.cost import Cost
-from dymu.materialize import clone_module
 
 C_VALUES = (0.0, 0.5, 1.0)
 
@@ -86,48 +80,6 @@ def single_task_nets(model: dymu.ControllableModel) -> list[dymu.MaterializedMod
         model.materialize(r, 0.0, tasks=[t], architecture=branched, adapt=False)
         for t in model.tasks
     ]
-
-
-class HardSharedNet(nn.Module):
-    """One encoder (stream 0's L blocks) shared by all N heads: the network PHN and PHN-BN
-    serve (their hypernetworks generate its weights; the compute per image is the same).
-
-    Not a dymu tree: a tree's top layer has one node per task, a hard-shared network has one
-    node per layer. BN is folded as in a materialized tree.
-    """
-
-    def __init__(self, anchor: AnchorNet) -> None:
-        super().__init__()
-        self.in_channels = anchor.in_channels
-        self.taps = tuple(anchor.taps)
-        self.blocks = nn.ModuleList(_folded(anchor.node(l, 0)) for l in range(anchor.num_layers))
-        self.heads = nn.ModuleDict(
-            {name: _folded(anchor.head(j)) for j, name in enumerate(anchor.task_names)}
-        )
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_image(x, self.in_channels)
-        feats, y = [], x
-        for l, block in enumerate(self.blocks):
-            y = block(y)
-            if l in self.taps:
-                feats.append(y)
-        out_hw = (x.shape[-2], x.shape[-1])
-        return {name: head(feats, out_hw) for name, head in self.heads.items()}
-
-
-def _folded(module: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        return fold_batchnorm_(clone_module(module).eval()).requires_grad_(False)
-
-
-def hard_shared_cost(model: dymu.ControllableModel, hw: tuple[int, int]) -> Cost:
-    """Stream 0's nodes + every head, from the model's cost table (1 MAC = 2 FLOPs)."""
-    table = model.cost_model.node_costs(hw)
-    flops = sum(row[0] for row in table.node_flops) + sum(table.head_flops)
-    params = sum(row[0] for row in table.node_params) + sum(table.head_params)
-    return Cost(flops=flops, params=params)
 
 
 def distinct(trees: Sequence[Tree]) -> dict[str, list[Tree]]:

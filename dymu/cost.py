@@ -190,6 +190,20 @@ class CostModel:
         params += sum(table.head_params[j] for j in used[-1])
         return Cost(flops=flops, params=params)
 
+    def hard_shared_cost(
+        self, input_hw: tuple[int, int] | None = None, tasks: Iterable[int] | None = None
+    ) -> Cost:
+        """Cost of the hard-shared network (:class:`dymu.shared.HardSharedNet`): one stream's
+        nodes, which every task reads, plus the heads of ``tasks`` (all by default). Not a tree:
+        a tree's top layer has one node per task, this network has one node per layer."""
+        table = self.node_costs(input_hw)
+        heads = range(self.n_tasks) if tasks is None else sorted(set(tasks))
+        flops = sum(row[0] for row in table.node_flops)
+        params = sum(row[0] for row in table.node_params)
+        flops += sum(table.head_flops[j] for j in heads)
+        params += sum(table.head_params[j] for j in heads)
+        return Cost(flops=flops, params=params)
+
     def anchor_cost(
         self, input_hw: tuple[int, int] | None = None, tasks: Iterable[int] | None = None
     ) -> Cost:

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dymu
 from dymu.errors import ArtifactError, PreferenceError, TaskError
+from dymu.shared import shared_cost
 from training.baselines import (
     ABLATION_FLAGS,
     BASELINES,
@@ -21,7 +22,6 @@ from training.baselines import (
     load_run,
     train_baseline,
 )
-from training.baselines.shared import shared_cost
 from training.config import load_config
 from training.pipeline import split_dataset
 

@@ -19,7 +19,6 @@ import torch
 import dymu
 from benchmarks.__main__ import main as bench_main
 from benchmarks.machine import fp32_flops_per_cycle
-from benchmarks.nets import hard_shared_cost
 from benchmarks.timing import interleave, paired_ratio
 from dymu.architecture import Architecture
 
@@ -134,7 +133,7 @@ def test_peers_switch_backends_fields(tiny_run):
     hard = peers["hard-shared network (PHN / PHN-BN)"]
     hw = model.input_size
     assert single["gflops_per_image"] == pytest.approx(model.anchor_cost(hw).gflops)
-    assert hard["params"] == hard_shared_cost(model, hw).params < single["params"]
+    assert hard["params"] == model.cost_model.hard_shared_cost(hw).params < single["params"]
     assert all(r["images_per_s"] > 0 for r in peers.values())
 
     switch = cases["switch"]["sizes"][0]

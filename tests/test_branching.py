@@ -107,7 +107,12 @@ def test_branching_regularizer_combines_the_terms(reading):
     omega0, _ = branching_regularizer(probs, r, 0.0, aff, tau=0.2, reading=reading)
     assert float(omega0) == pytest.approx(0.4)  # c = 0: only the inactive term
     off, _ = branching_regularizer(
-        probs, r, 0.5, aff, tau=0.2, switches=RegularizerSwitches(inactive_loss=False),
+        probs,
+        r,
+        0.5,
+        aff,
+        tau=0.2,
+        switches=RegularizerSwitches(inactive_loss=False),
         reading=reading,
     )
     assert float(off) == pytest.approx(1 / 3)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dymu
 from dymu.architecture import Architecture
 from dymu.cost import CostModel
+from dymu.shared import HardSharedNet, shared_cost
 
 from .conftest import randomize_, tiny_config
 
@@ -91,3 +92,41 @@ def test_cost_fraction_and_units():
     assert 0 < shared.fraction_of(anchor) < 1
     assert anchor.gflops == anchor.flops / 1e9
     assert (shared + anchor).flops == shared.flops + anchor.flops
+
+
+@pytest.mark.parametrize("tasks", [None, ["depth"], ["normals", "segmentation"]])
+@pytest.mark.parametrize("hw", [(24, 32), (17, 40)])
+def test_hard_shared_cost_is_what_the_network_counts(tasks, hw):
+    """The cost model's hard-shared figure (one stream + the heads) equals FlopCounterMode and
+    the parameter count of a real :class:`HardSharedNet` (unfolded), for any head subset."""
+    net = HardSharedNet(MODEL.config, tasks).eval()
+    cost = net.cost(hw)
+    assert cost.flops == counted_flops(net, torch.randn(1, 3, *hw))
+    assert cost.params == sum(p.numel() for p in net.parameters())
+    streams = None if tasks is None else [MODEL.tasks.index(t) for t in tasks]
+    assert cost == MODEL.cost_model.hard_shared_cost(hw, streams) == shared_cost(
+        MODEL.config, tasks, hw
+    )
+    # one shared node per layer: with two heads or more, cheaper than the fully shared tree
+    # (whose top layer has a node per task); for one head the two are the same network
+    tree = MODEL.cost(Architecture.fully_shared(3, MODEL.n_layers), hw, tasks)
+    assert cost.flops < tree.flops if tasks is None or len(tasks) > 1 else cost == tree
+
+
+def test_hard_shared_net_from_anchor_is_stream_with_every_head():
+    """Copied from the anchor with BN folded, the network's task-j output for j = stream is that
+    single-task stream's output, and the other heads read the same shared features."""
+    x = torch.randn(2, 3, 24, 32)
+    for stream in (0, 2):
+        net = HardSharedNet.from_anchor(MODEL.anchor, stream=stream)
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        with torch.no_grad():
+            out = net(x)
+            own = MODEL.anchor.eval()(x, tasks=[stream])[MODEL.tasks[stream]]
+        assert set(out) == set(MODEL.tasks)
+        torch.testing.assert_close(out[MODEL.tasks[stream]], own, rtol=1e-4, atol=1e-5)
+    with pytest.raises(dymu.TaskError, match="unknown task"):
+        HardSharedNet(MODEL.config, ["depth", "colour"])
+    with pytest.raises(dymu.TaskError, match="unknown task"):
+        shared_cost(MODEL.config, ["colour"])

@@ -402,7 +402,14 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
         task_total, per_task = weighted_task_loss(run.tasks, out, batch, r)
         probs = nu.float() if cfg.regularize_samples else torch.softmax(logits.float(), dim=-1)
         omega, reg = branching_regularizer(
-            list(probs), r, c, affinity, tau, cfg.lambda_active, cfg.lambda_inactive, switches,
+            list(probs),
+            r,
+            c,
+            affinity,
+            tau,
+            cfg.lambda_active,
+            cfg.lambda_inactive,
+            switches,
             cfg.regularizer,
         )
         stats = {"task_loss": task_total.item(), "omega": omega.item(), "zeta": zeta, **reg}

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
+from dymu.shared import HardSharedNet
+
 from ..config import size_label
 from ..harness import Context, register_case
 from ..nets import (
-    HardSharedNet,
     Tree,
     argmax_trees,
     hand_made_trees,
-    hard_shared_cost,
     materialize,
     single_task_nets,
 )
@@ -44,12 +44,12 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
     x = ctx.images(batch, hw)
     with torch.no_grad():
         singles = single_task_nets(model)
-        hard = HardSharedNet(model.anchor)
+        hard = HardSharedNet.from_anchor(model.anchor)
         trees = _dymu_trees(ctx)
         nets = {}
         for t in trees:  # one net per distinct tree; the names keep every preference
             nets.setdefault(t.architecture.id, materialize(model, t))
-    costs = {SINGLE: model.anchor_cost(hw), HARD: hard_shared_cost(model, hw)}
+    costs = {SINGLE: model.anchor_cost(hw), HARD: model.cost_model.hard_shared_cost(hw)}
     variants = {SINGLE: lambda: [net(x) for net in singles], HARD: lambda: hard(x)}
     names = {}
     for t in trees:

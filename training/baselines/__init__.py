@@ -11,6 +11,8 @@
 one run directory (:mod:`.run`); docs/baselines.md describes the methods and their budgets.
 """
 
+from dymu.shared import HardSharedNet, shared_cost
+
 from .methods import (
     BASELINES,
     CPMTL,
@@ -23,7 +25,6 @@ from .methods import (
     StaticSet,
 )
 from .run import ABLATION_FLAGS, REFERENCE, ablation_config, load_run, read_run, run_baselines
-from .shared import HardSharedNet, shared_cost
 from .store import load_method, save_baseline
 from .train import static_preferences, train_baseline
 

@@ -1,7 +1,7 @@
 """Preference-conditioned parameter generators of the dynamic baselines.
 
 Each generator maps ``r`` (shape (N,), on the simplex) to ``{parameter name: tensor}`` for some
-parameters of a :class:`~training.baselines.shared.HardSharedNet`; the network then runs with
+parameters of a :class:`~dymu.shared.HardSharedNet`; the network then runs with
 those tensors in place of its own (``torch.func.functional_call``), so gradients reach the
 generator.
 
@@ -25,8 +25,7 @@ from torch import nn
 
 from dymu.anchor import batchnorm_layout
 from dymu.hypernets import WeightHypernet, mlp
-
-from .shared import HardSharedNet
+from dymu.shared import HardSharedNet
 
 #: Output scale of a generated tensor whose initial value is a constant (BN gamma = 1, beta = 0).
 CONSTANT_INIT_SCALE = 0.1

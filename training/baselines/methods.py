@@ -32,9 +32,9 @@ from dymu.config import ModelConfig
 from dymu.materialize import MaterializedModel
 from dymu.model import ControllableModel, describe
 from dymu.preference import Preference, normalize_preference, resolve_tasks
+from dymu.shared import HardSharedNet
 
 from .hypernets import BatchNormHypernet, ChunkedHypernet
-from .shared import HardSharedNet
 
 
 class GeneratorOptions(BaseModel):

@@ -27,10 +27,10 @@ from dymu.config import ModelConfig
 from dymu.device import resolve_device
 from dymu.errors import ArtifactError
 from dymu.model import describe
+from dymu.shared import shared_cost
 from dymu.store import MANIFEST, manifest_digest, sha256_file, verify_artifact
 
 from .methods import BASELINES, Baseline, GeneratorOptions, StaticMTL, StaticSet
-from .shared import shared_cost
 
 FORMAT = "dymu-baseline"
 FORMAT_VERSION = 1
