@@ -198,6 +198,43 @@ def test_task_affinity_rsa():
     assert a[2, 0] == 0.0 and a[2, 2] == 1.0
 
 
+def test_row_minmax_affinity_cannot_rank_two_tasks_and_rdm_spearman_can():
+    """App. D's row normalization maps a 2-task row (0, d) to (1, 0): A(0, 1) = 0 for any pair of
+    different streams, close or far. RSA's Spearman score orders them, and equals scipy's rho
+    of the similarity matrices' upper triangles."""
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(30, 8, generator=g)
+    near = base + 0.1 * torch.randn(30, 8, generator=g)
+    far = torch.randn(30, 8, generator=g)
+    for other in (near, far):
+        assert task_affinity([[base, other]])[0, 1] == 0.0
+    a_near = task_affinity([[base, near]], "rdm-spearman")
+    a_far = task_affinity([[base, far]], "rdm-spearman")
+    assert 0.9 < a_near[0, 1] <= 1.0 and a_far[0, 1] < 0.2
+    assert torch.equal(a_near, a_near.T) and torch.all(a_near.diagonal() == 1.0)
+
+    def upper(f):
+        s = (
+            torch.nn.functional.normalize(f.double(), dim=1)
+            @ torch.nn.functional.normalize(f.double(), dim=1).T
+        )
+        i, j = torch.triu_indices(30, 30, offset=1)
+        return s[i, j].numpy()
+
+    rho = spearmanr(upper(base), upper(near)).statistic
+    assert a_near[0, 1].item() == pytest.approx(rho, abs=1e-6)
+    # two layers average; identical streams score 1; a constant stream has no affinity
+    two = task_affinity([[base, near], [base, far]], "rdm-spearman")
+    assert two[0, 1].item() == pytest.approx((a_near[0, 1] + a_far[0, 1]).item() / 2, abs=1e-6)
+    assert torch.allclose(task_affinity([[base, base * 2]], "rdm-spearman"), torch.ones(2, 2))
+    flat = task_affinity([[base, torch.ones(30, 8)]], "rdm-spearman")
+    assert flat[0, 1] == 0.0 and flat[1, 1] == 1.0
+    with pytest.raises(ValueError, match="unknown affinity score"):
+        task_affinity([[base, near]], "pearson")
+
+
 def test_preference_sampling_and_temperature():
     g = torch.Generator().manual_seed(3)
     draws = [sample_preference(3, 0.2, g) for _ in range(2000)]

@@ -236,27 +236,63 @@ def branching_regularizer(
     }
 
 
+#: How the RSA dissimilarities of two streams become an affinity (``[affinity] score``).
+AFFINITY_SCORES = ("row-minmax", "rdm-spearman")
+
+
+def _similarity_matrices(per_task: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, K, K): S_l(i) = cosine similarities of the K flattened outputs of node (l, i)."""
+    sims = []
+    for f in per_task:
+        flat = torch.nn.functional.normalize(f.flatten(1).double(), dim=1)
+        sims.append(flat @ flat.T)
+    return torch.stack(sims)
+
+
+def _row_minmax_affinity(s: torch.Tensor) -> torch.Tensor:
+    """App. D: D_l(i, j) = ||S_l(i) - S_l(j)||_F, rows min-max normalized, A_l = 1 - D-hat."""
+    d = torch.cdist(s.flatten(1), s.flatten(1))  # Frobenius distance between RDMs
+    # Round-off (e.g. a stream that is a rescaled copy) must not be stretched to 1 below.
+    d = torch.where(d < 1e-6, torch.zeros_like(d), d)
+    lo, hi = d.min(dim=1, keepdim=True).values, d.max(dim=1, keepdim=True).values
+    span = hi - lo
+    d_hat = torch.where(span > 1e-12, (d - lo) / span.clamp_min(1e-12), torch.zeros_like(d))
+    return 1.0 - d_hat
+
+
+def _rdm_spearman_affinity(s: torch.Tensor) -> torch.Tensor:
+    """RSA as Dwivedi & Roig (2019, the paper's ref. [12]) score it: the Spearman correlation of
+    the upper triangles of S_l(i) and S_l(j), clamped at 0 (anti-correlated = no affinity)."""
+    from scipy.stats import rankdata  # average ranks for ties, as Spearman's rho defines them
+
+    k = s.shape[-1]
+    iu = torch.triu_indices(k, k, offset=1)
+    upper = s[:, iu[0], iu[1]].numpy()
+    ranks = torch.from_numpy(rankdata(upper, axis=1))
+    rho = torch.corrcoef(ranks)
+    # A stream whose similarities are all equal has no ranking: no affinity to anything else.
+    rho = torch.nan_to_num(rho, nan=0.0).clamp(0.0, 1.0)
+    return rho.fill_diagonal_(1.0)
+
+
 @torch.no_grad()
-def task_affinity(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+def task_affinity(
+    features: Sequence[Sequence[torch.Tensor]], score: str = "row-minmax"
+) -> torch.Tensor:
     """RSA task affinity (App. D): ``features[l][i]`` = (K, ...) outputs of node (l, i).
 
-    S_l(i) = K x K cosine similarities of the flattened features; D_l(i, j) =
-    ||S_l(i) - S_l(j)||_F; each row of D_l min-max normalized to [0, 1]; A_l = 1 - D_l-hat;
-    A = mean over layers. A row whose distances are all equal (e.g. identical streams) has
-    D-hat = 0, i.e. affinity 1.
+    S_l(i) = K x K cosine similarities of the flattened features; A_l(i, j) is scored from
+    S_l(i) and S_l(j); A = mean over layers.
+
+    * ``"row-minmax"`` (the paper's App. D, the default): D_l(i, j) = ||S_l(i) - S_l(j)||_F,
+      each row of D_l min-max normalized to [0, 1], A_l = 1 - D_l-hat. A row whose distances are
+      all equal (e.g. identical streams) has D-hat = 0, i.e. affinity 1. With N = 2 a row is
+      (0, d), so A(0, 1) = 0 whenever the streams differ at all: the score cannot rank one pair.
+    * ``"rdm-spearman"``: the Spearman correlation of S_l(i) and S_l(j) (RSA's own score), which
+      does not depend on the other tasks and so is informative for N = 2 as well.
     """
-    layers = []
-    for per_task in features:
-        sims = []
-        for f in per_task:
-            flat = torch.nn.functional.normalize(f.flatten(1).double(), dim=1)
-            sims.append(flat @ flat.T)
-        s = torch.stack(sims)  # (N, K, K)
-        d = torch.cdist(s.flatten(1), s.flatten(1))  # Frobenius distance between RDMs
-        # Round-off (e.g. a stream that is a rescaled copy) must not be stretched to 1 below.
-        d = torch.where(d < 1e-6, torch.zeros_like(d), d)
-        lo, hi = d.min(dim=1, keepdim=True).values, d.max(dim=1, keepdim=True).values
-        span = hi - lo
-        d_hat = torch.where(span > 1e-12, (d - lo) / span.clamp_min(1e-12), torch.zeros_like(d))
-        layers.append(1.0 - d_hat)
+    if score not in AFFINITY_SCORES:
+        raise ValueError(f"unknown affinity score {score!r}; known: {AFFINITY_SCORES}")
+    per_layer = _row_minmax_affinity if score == "row-minmax" else _rdm_spearman_affinity
+    layers = [per_layer(_similarity_matrices(per_task)) for per_task in features]
     return torch.stack(layers).mean(0).float()

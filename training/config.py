@@ -48,6 +48,11 @@ class AffinityStage(_Strict):
     """Stage 0b: RSA task affinity from K training images (App. D)."""
 
     images: int = Field(default=100, ge=2)
+    score: Literal["row-minmax", "rdm-spearman"] = Field(
+        default="row-minmax",
+        description="row-minmax: App. D (degenerate for 2 tasks: A = 0 unless the streams are "
+        "equal); rdm-spearman: Spearman correlation of the similarity matrices (RSA's score)",
+    )
 
 
 class HypernetStage(_Strict):

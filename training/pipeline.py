@@ -361,7 +361,9 @@ def stage_affinity(run: Run) -> torch.Tensor:
             for l in range(anchor.num_layers):
                 y = anchor.node(l, j)(y)
                 feats[l][j].append(y.float().cpu())
-    return task_affinity([[torch.cat(f) for f in per_task] for per_task in feats])
+    return task_affinity(
+        [[torch.cat(f) for f in per_task] for per_task in feats], run.config.affinity.score
+    )
 
 
 def _gumbel_softmax(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
