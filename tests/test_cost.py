@@ -104,8 +104,10 @@ def test_hard_shared_cost_is_what_the_network_counts(tasks, hw):
     assert cost.flops == counted_flops(net, torch.randn(1, 3, *hw))
     assert cost.params == sum(p.numel() for p in net.parameters())
     streams = None if tasks is None else [MODEL.tasks.index(t) for t in tasks]
-    assert cost == MODEL.cost_model.hard_shared_cost(hw, streams) == shared_cost(
-        MODEL.config, tasks, hw
+    assert (
+        cost
+        == MODEL.cost_model.hard_shared_cost(hw, streams)
+        == shared_cost(MODEL.config, tasks, hw)
     )
     # one shared node per layer: with two heads or more, cheaper than the fully shared tree
     # (whose top layer has a node per task); for one head the two are the same network
