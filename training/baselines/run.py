@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from dymu.errors import ArtifactError, ConfigError
 from dymu.store import list_versions, read_manifest, resolve
 
@@ -60,16 +58,6 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]
         name: load_method(Path(run_dir) / entry["path"], device=device)
         for name, entry in run["methods"].items()
     }
-
-
-def _recorded_config(run: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's config with today's defaults filled in, so that a field added to
-    :class:`TrainConfig` since (with a default that keeps the old behaviour) does not orphan the
-    run; None when it no longer validates."""
-    try:
-        return TrainConfig.model_validate(run.get("config")).model_dump(mode="json")
-    except ValidationError:
-        return None
 
 
 def _write_run(run_dir: Path, run: dict[str, Any]) -> None:
@@ -148,7 +136,7 @@ def run_baselines(
     dumped = config.model_dump(mode="json")
     if (run_dir / RUN_JSON).exists():
         run = read_run(run_dir)
-        if _recorded_config(run) != dumped:
+        if run.get("config") != dumped:
             raise ConfigError(
                 f"{run_dir} holds a run of another config (or --steps-scale); "
                 "continue it with the same ones, or choose another --out"
