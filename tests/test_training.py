@@ -154,6 +154,30 @@ def test_stage1_variants_train_and_matter(tmp_path):
         assert any(not torch.equal(states[name][k], states["plain"][k]) for k in states[name])
 
 
+def test_affinity_score_is_the_configs(tmp_path):
+    """`[affinity] score` reaches stage 0b: on the same anchor the two scores give different
+    affinities, and the artifact records the one it was trained with."""
+    base = load_config("scenes-tiny").model_copy(update={"check_preferences": 0})
+    found = {}
+    for score in ("row-minmax", "rdm-spearman"):
+        config = base.model_copy(
+            update={"affinity": base.affinity.model_copy(update={"score": score})}
+        )
+        vdir = run_training(
+            config,
+            tmp_path / score / "m",
+            run_dir=tmp_path / f"run-{score}",
+            device="cpu",
+            progress=False,
+            stages=("anchor", "affinity", "edge"),
+        )
+        m = dymu.load(vdir, device="cpu").manifest
+        assert m["training"]["config"]["affinity"]["score"] == score
+        found[score] = torch.tensor(m["task_affinity"])
+        assert torch.allclose(found[score].diagonal(), torch.ones(3))
+    assert not torch.allclose(found["row-minmax"], found["rdm-spearman"])
+
+
 def test_every_config_validates():
     names = available_configs()
     assert {
