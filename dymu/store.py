@@ -67,6 +67,40 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     ).hexdigest()
 
 
+def file_entry(path: Path) -> dict[str, Any]:
+    """A manifest's ``files`` entry for ``path``: its sha256 and size (what
+    :func:`verify_artifact` checks)."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Seal ``manifest`` with its ``manifest_sha256`` and write ``directory/manifest.json``
+    durably (fsync'd, replaced atomically)."""
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    tmp = directory / f".{MANIFEST}.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def config_from_manifest(manifest: Mapping[str, Any], where: Path) -> ModelConfig:
+    """The :class:`ModelConfig` a manifest describes (``describe(config)``'s fields);
+    :class:`ArtifactError` naming ``where`` and the first bad field otherwise."""
+    try:
+        return ModelConfig.model_validate(
+            {k: manifest[k] for k in ModelConfig.model_fields if k in manifest}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ArtifactError(
+            f"{where} has an invalid model config: "
+            f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+        ) from exc
+
+
 def list_versions(store_dir: str | os.PathLike) -> list[str]:
     """Versions under ``model_store/<name>``, oldest first."""
     root = Path(store_dir)
@@ -214,7 +248,7 @@ def save(
         for path in sorted(tmp.iterdir()):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            files[path.name] = file_entry(path)
         anchor = model.anchor_cost()
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -261,12 +295,7 @@ def _publish(root: Path, tmp: Path, manifest: dict[str, Any], version: str | Non
     for _ in range(100):
         name = version or _next_version(root)
         manifest["version"] = name
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_manifest(tmp, manifest)
         try:
             os.rename(tmp, root / name)
         except OSError as exc:
@@ -287,16 +316,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto") -> Contro
     dev = resolve_device(device, error=ArtifactError)
     vdir = resolve(path)
     manifest = read_manifest(vdir, verify=True)
-    try:
-        config = ModelConfig.model_validate(
-            {k: manifest[k] for k in ModelConfig.model_fields if k in manifest}
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ArtifactError(
-            f"{vdir / MANIFEST} has an invalid model config: "
-            f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
-        ) from exc
+    config = config_from_manifest(manifest, vdir / MANIFEST)
     model = ControllableModel(config, manifest={**manifest, "path": str(vdir)})
     if (manifest.get("n_tasks"), manifest.get("n_layers")) != (model.n_tasks, model.n_layers):
         raise ArtifactError(f"{vdir / MANIFEST}: n_tasks/n_layers do not match its config")

@@ -23,12 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dymu
-from dymu.config import ModelConfig
 from dymu.device import resolve_device
 from dymu.errors import ArtifactError
 from dymu.model import describe
 from dymu.shared import shared_cost
-from dymu.store import MANIFEST, manifest_digest, sha256_file, verify_artifact
+from dymu.store import (
+    MANIFEST,
+    config_from_manifest,
+    file_entry,
+    verify_artifact,
+    write_manifest,
+)
 
 from .methods import BASELINES, Baseline, GeneratorOptions, StaticMTL, StaticSet
 
@@ -36,24 +41,6 @@ FORMAT = "dymu-baseline"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 STATIC_SET = "static-set"
-
-
-def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    tmp = directory / f".{MANIFEST}.{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-
-
-def _files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {
-        n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size}
-        for n in names
-    }
 
 
 def save_baseline(
@@ -91,7 +78,7 @@ def save_baseline(
             "control_params": model.control_params,
             "input_normalization": dict(input_normalization) if input_normalization else None,
             "training": dict(training or {}),
-            "files": _files(tmp, sorted(p.name for p in tmp.iterdir())),
+            "files": {p.name: file_entry(p) for p in sorted(tmp.iterdir())},
         }
         if isinstance(model, StaticMTL):
             manifest["r"] = list(model.r)
@@ -100,7 +87,7 @@ def save_baseline(
         else:
             manifest["train_seconds"] = manifest["training"].get("train_seconds")
             manifest["steps"] = manifest["training"].get("steps")
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         os.rename(tmp, out)
         return out
     finally:
@@ -132,9 +119,9 @@ def save_static_set(out: Path, members: list[tuple[str, StaticMTL]]) -> Path:
         "train_seconds": sum(m.train_seconds for _, m in members),
         "steps": sum(m.manifest.get("steps") or 0 for _, m in members),
         "control_params": 0,
-        "files": _files(out, [f"{name}/{MANIFEST}" for name, _ in members]),
+        "files": {f"{name}/{MANIFEST}": file_entry(out / name / MANIFEST) for name, _ in members},
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return out
 
 
@@ -163,15 +150,13 @@ def _load_baseline(directory: Path, manifest: dict[str, Any], device: torch.devi
     kind = manifest.get("kind")
     if kind not in BASELINES:
         raise ArtifactError(f"{directory / MANIFEST}: unknown baseline kind {kind!r}")
+    config = config_from_manifest(manifest, directory / MANIFEST)
     try:
-        config = ModelConfig.model_validate(
-            {k: manifest[k] for k in ModelConfig.model_fields if k in manifest}
-        )
         options = GeneratorOptions.model_validate(manifest.get("options", {}))
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ArtifactError(
-            f"{directory / MANIFEST} has an invalid config: "
+            f"{directory / MANIFEST} has invalid generator options: "
             f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
         ) from exc
     cls = BASELINES[kind]
