@@ -103,6 +103,27 @@ class ModelConfig(BaseModel):
         return len(self.tasks)
 
 
+class ConfigTasks:
+    """``tasks``, ``n_tasks`` and ``input_size`` read from ``self.config`` (a
+    :class:`ModelConfig`): what every controllable-like object (:class:`dymu.ControllableModel`,
+    the baselines) tells about itself."""
+
+    config: ModelConfig
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Task names, in stream order."""
+        return self.config.task_names
+
+    @property
+    def n_tasks(self) -> int:
+        return self.config.n_tasks
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.config.input_size)
+
+
 def dense_tasks(classes: int = 6) -> tuple[TaskSpec, ...]:
     """The three dense tasks of the scenes / NYU-v2 setting, with NYU-v2's loss scales."""
     return (

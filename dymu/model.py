@@ -10,7 +10,7 @@ from torch import nn
 
 from .anchor import AnchorNet, BNDeltas
 from .architecture import Architecture
-from .config import ModelConfig
+from .config import ConfigTasks, ModelConfig
 from .cost import Cost, CostModel
 from .errors import ArchitectureError
 from .hypernets import EdgeHypernet, WeightHypernet
@@ -18,7 +18,7 @@ from .materialize import MaterializedModel
 from .preference import Preference, normalize_preference, resolve_tasks
 
 
-class ControllableModel(nn.Module):
+class ControllableModel(ConfigTasks, nn.Module):
     """Anchor net F + edge hypernet h + weight hypernet h-bar (paper Fig. 2).
 
     Inference: ``model.materialize(r, c)`` gives the tree for a preference, with adapted BN,
@@ -40,21 +40,8 @@ class ControllableModel(nn.Module):
 
     # -- description --------------------------------------------------------------------------
     @property
-    def tasks(self) -> tuple[str, ...]:
-        """Task names, in stream order."""
-        return self.config.task_names
-
-    @property
-    def n_tasks(self) -> int:
-        return self.config.n_tasks
-
-    @property
     def n_layers(self) -> int:
         return self.anchor.num_layers
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.config.input_size)
 
     @property
     def device(self) -> torch.device:

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from dymu.anchor import fold_batchnorm_
 from dymu.architecture import Architecture
-from dymu.config import ModelConfig
+from dymu.config import ConfigTasks, ModelConfig
 from dymu.materialize import MaterializedModel
 from dymu.model import ControllableModel, describe
 from dymu.preference import Preference, normalize_preference, resolve_tasks
@@ -67,26 +67,7 @@ def _demote_parameters(net: nn.Module, prefix: str = "") -> dict[str, torch.Tens
     return targets
 
 
-class _ConfigTasks:
-    """``tasks``, ``n_tasks`` and ``input_size`` of the controllable-like interface, read from
-    ``self.config`` (a :class:`ModelConfig`), for every method of this module."""
-
-    config: ModelConfig
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.config.task_names
-
-    @property
-    def n_tasks(self) -> int:
-        return self.config.n_tasks
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.config.input_size)
-
-
-class Baseline(_ConfigTasks, nn.Module):
+class Baseline(ConfigTasks, nn.Module):
     """A hard-shared network and (except for ``static``) a generator of some of its parameters.
 
     ``forward(images, r)`` is the training forward (differentiable in the generator);
@@ -205,7 +186,7 @@ class StaticMTL(Baseline):
 BASELINES: dict[str, type[Baseline]] = {cls.kind: cls for cls in (PHN, PHNBN, CPMTL, StaticMTL)}
 
 
-class StaticSet(_ConfigTasks):
+class StaticSet(ConfigTasks):
     """K static networks as one method: ``materialize(r)`` serves the one whose r_k is nearest.
 
     ``members`` keep their own ``r`` and ``train_seconds`` (HV against training time, Fig. 6).
@@ -237,7 +218,7 @@ class StaticSet(_ConfigTasks):
         return self.nearest(r, c).materialize(r, c, tasks)
 
 
-class SingleTask(_ConfigTasks):
+class SingleTask(ConfigTasks):
     """The Single-Task row: the anchor's streams alone (fully branched tree, no adaptation)."""
 
     kind = "single-task"
