@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dymu.errors import DymuError
+from dymu.cli import run_command
 
 from .cli import add_bench_command
 
@@ -20,11 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     add_bench_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except DymuError as exc:
-        print(f"dymu: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

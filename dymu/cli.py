@@ -146,17 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace, prog: str = "dymu") -> int:
+    """Run a parsed subcommand: a :class:`DymuError` becomes one line on stderr and exit 2,
+    Ctrl-C exit 130 (every front end of the commands goes through here)."""
     try:
         return args.func(args)
     except DymuError as exc:
-        print(f"dymu: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dymu: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

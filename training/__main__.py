@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from dymu.errors import DymuError
+from dymu.cli import run_command
 
 from .cli import add_train_arguments
 
@@ -27,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         args.record_command = f"{launcher} -m training " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
-    try:
-        return args.func(args)
-    except DymuError as exc:
-        print(f"python -m training: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args, "python -m training")
 
 
 if __name__ == "__main__":
