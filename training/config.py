@@ -44,6 +44,23 @@ class AnchorStage(_Strict):
     pretrained: str | None = Field(default=None, description="artifact to take the streams from")
 
 
+class TrunkStage(_Strict):
+    """Before stage 0: one trunk shared by every task, copied into every stream (0 steps: off).
+
+    The fully shared tree (stream 0's layers below the top, every task's own top node and head)
+    trains on sum_i w_i L_i; its layers are then copied into every stream, and stage 0 trains
+    each stream on its own task from there. The paper's streams all start from one
+    ImageNet-pretrained encoder, which keeps their low-level features interchangeable so that
+    a shared node serves every task; streams trained apart from random weights do not have that
+    (docs/training.md, "The common trunk").
+    """
+
+    steps: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+
+
 class AffinityStage(_Strict):
     """Stage 0b: RSA task affinity from K training images (App. D)."""
 
@@ -98,6 +115,31 @@ class EdgeStage(HypernetStage):
         description="read L_active / L_inactive along each task's path (default) or by stream "
         "index as DESIGN.md writes it (docs/training.md, 'The branching regularizer')",
     )
+    estimator: Literal["gumbel", "paths"] = Field(
+        default="gumbel",
+        description="gumbel: the paper's soft forward on Gumbel-softmax samples; paths: the exact "
+        "expected loss of hard trees from a table of every path's loss (small N and L; "
+        "docs/training.md, 'The path-table estimator')",
+    )
+    path_images: int = Field(
+        default=256, ge=1, description="paths estimator: training images of the path-loss table"
+    )
+    preferences: int = Field(
+        default=32, ge=1, description="paths estimator: preferences per optimizer step"
+    )
+    dense_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="paths estimator: share of each step's preferences drawn with r ~ Dir(1) "
+        "(the dense centre of the simplex, where c acts) instead of Dir(eta)",
+    )
+    branched_init: float = Field(
+        default=0.0,
+        ge=0,
+        description="initial logit bias of each node's own-stream parent: > 0 starts the "
+        "controller at the anchor (the fully branched tree) instead of a uniform choice",
+    )
     # Ablation switches (Table 6).
     inactive_loss: bool = True
     layer_weighting: bool = True
@@ -145,6 +187,7 @@ class TrainConfig(_Strict):
     input_size: tuple[int, int] = (96, 128)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    trunk: TrunkStage = Field(default_factory=TrunkStage)
     anchor: AnchorStage = Field(default_factory=AnchorStage)
     affinity: AffinityStage = Field(default_factory=AffinityStage)
     edge: EdgeStage = Field(default_factory=EdgeStage)
@@ -177,6 +220,7 @@ class TrainConfig(_Strict):
         )
         return self.model_copy(
             update={
+                "trunk": scale(self.trunk),
                 "anchor": scale(self.anchor),
                 "edge": scale(self.edge),
                 "weight": scale(self.weight),
@@ -191,7 +235,9 @@ class TrainConfig(_Strict):
         if static:
             steps = b.static_steps or self.anchor.steps
         else:
-            images = sum(s.steps * s.batch_size for s in (self.anchor, self.edge, self.weight))
+            images = sum(
+                s.steps * s.batch_size for s in (self.trunk, self.anchor, self.edge, self.weight)
+            )
             steps = b.steps or max(1, round(images / batch))
         return HypernetStage(
             steps=steps,

@@ -50,15 +50,21 @@ from .data import DATASETS, build_dataset
 from .distributed import Distributed
 from .distributed import from_env as distributed_from_env
 from .distributed import shutdown as distributed_shutdown
+from .paths import batched_regularizer, expected_task_losses, path_losses
 from .tasks import weighted_task_loss
 
-STAGES = ("anchor", "affinity", "edge", "weight")
-# Independent random streams: batch indices per stage, and preferences + Gumbel noise. The
-# baselines' streams (training/baselines) come last so that the ids of the others never change.
+STAGES = ("trunk", "anchor", "affinity", "edge", "weight")
+# Independent random streams: batch indices per stage, and preferences + Gumbel noise. New
+# streams come last so that the ids of the others (and so every earlier run) never change.
 _STREAM_ID = {
     name: i
-    for i, name in enumerate((*STAGES, "edge-pref", "weight-pref", "baseline", "baseline-pref"))
-}
+    for i, name in enumerate(
+        (
+            "anchor", "affinity", "edge", "weight", "edge-pref", "weight-pref",
+            "baseline", "baseline-pref", "trunk", "edge-paths",
+        )
+    )
+}  # fmt: skip
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 LOG = "train_log.csv"
@@ -321,6 +327,44 @@ def _task_stats(per_task: dict[str, torch.Tensor]) -> dict[str, float]:
     return {f"loss/{k}": v.item() for k, v in per_task.items()}
 
 
+class SharedTrunk(nn.Module):
+    """The anchor read through the fully shared tree (one module, so DDP can wrap it)."""
+
+    def __init__(self, anchor: nn.Module) -> None:
+        super().__init__()
+        self.anchor = anchor
+        self.tree = Architecture.fully_shared(anchor.n_tasks, anchor.num_layers)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.anchor.forward_tree(x, self.tree)
+
+
+def copy_trunk(anchor: nn.Module) -> None:
+    """Stream 0's layers below the top (the trained trunk) into every other stream."""
+    for j in range(1, anchor.n_tasks):
+        for layer in range(anchor.num_layers - 1):
+            anchor.node(layer, j).load_state_dict(anchor.node(layer, 0).state_dict())
+
+
+def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
+    """Before stage 0: the fully shared tree on sum_i w_i L_i, then copied into every stream."""
+    cfg = run.config.trunk
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.autocast():
+            out = net(batch["image"])
+        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
+        return total, _task_stats(per_task)
+
+    trunk = SharedTrunk(run.model.anchor)
+    # The other streams' lower layers are unused until the copy: DDP must look for them.
+    _train(
+        run, "trunk", trunk, cfg, start, opt_state, loss_fn, lambda s: cfg.lr,
+        weight_decay=cfg.weight_decay, find_unused=True,
+    )  # fmt: skip
+    copy_trunk(run.model.anchor)
+
+
 def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
     cfg, anchor = run.config.anchor, run.model.anchor
@@ -379,6 +423,8 @@ def _freeze(module: nn.Module) -> None:
 def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (DESIGN.md §2)."""
     cfg, model = run.config.edge, run.model
+    if cfg.estimator == "paths":
+        return stage_edge_paths(run, start, opt_state)
     _freeze(model.anchor)
     hyper = model.edge_hypernet
     n = model.n_tasks
@@ -418,6 +464,83 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
         return task_total + omega, {**stats, **_task_stats(per_task)}
 
     _train(run, "edge", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at)
+
+
+@torch.no_grad()
+def path_table(run: Run) -> torch.Tensor:
+    """w_j T[j, p] on ``path_images`` training images (training/paths.py), seeded by the run."""
+    k = min(run.config.edge.path_images, len(run.train_set))
+    gen = step_generator(run.config.seed, "edge-paths", 0)
+    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
+    batches = (
+        {
+            key: v.to(run.device)
+            for key, v in collate([run.train_set[i] for i in idx[s : s + 16]]).items()
+        }
+        for s in range(0, k, 16)
+    )
+    table = path_losses(run.model.anchor.eval(), batches, run.tasks)
+    scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
+    return (table * scales.unsqueeze(1)).to(run.device)
+
+
+@torch.no_grad()
+def branched_init_(hyper: nn.Module, bias: float) -> None:
+    """Every child's logit for its own stream's parent starts ``bias`` above the others.
+
+    The expected loss of a path is a product of parent choices, so from a uniform start the
+    regularizer's pull toward one shared path wins before any task's own path can emerge
+    (docs/results-training.md); starting at the anchor lets sharing grow where it pays.
+    """
+    n = hyper.n_tasks
+    for head in hyper.heads:
+        head.bias.copy_((torch.eye(n) * bias).flatten().to(head.bias))
+
+
+def stage_edge_paths(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1 with the path-table estimator: E_tree[sum_i r_i w_i L_i] + Omega, exactly.
+
+    Each step draws ``preferences`` (r, c) pairs and minimizes the mean over them of the
+    expected weighted task loss of the hypernet's tree distribution (from the path table) plus
+    the path reading of the branching regularizer, both on softmax(logits).
+    """
+    cfg, model = run.config.edge, run.model
+    _freeze(model.anchor)
+    n = model.n_tasks
+    tau = cfg.tau if cfg.tau is not None else 0.6 / n
+    switches = RegularizerSwitches(
+        cfg.inactive_loss, cfg.layer_weighting, cfg.affinity, cfg.dichotomy
+    )
+    affinity = (run.affinity if run.affinity is not None else torch.ones(n, n)).to(run.device)
+    table = path_table(run)
+    if start == 0 and cfg.branched_init:
+        branched_init_(model.edge_hypernet, cfg.branched_init)
+    dense = round(cfg.dense_fraction * cfg.preferences)
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(run.config.seed, "edge-pref", step)
+        prefs = [
+            sample_preference(n, 1.0 if k < dense else cfg.eta, gen) for k in range(cfg.preferences)
+        ]
+        r = torch.stack([p[0] for p in prefs]).to(run.device)
+        c = torch.stack([p[1] for p in prefs]).to(run.device)
+        logits = net(r, c)
+        if cfg.logit_bound is not None:
+            logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
+        probs = torch.softmax(logits.float(), dim=-1)
+        task = (r * expected_task_losses(probs, table)).sum(-1)
+        omega, l_act, l_inact = batched_regularizer(
+            probs, r, c, affinity, tau, cfg.lambda_active, cfg.lambda_inactive, switches
+        )
+        stats = {
+            "task_loss": task.mean().item(),
+            "omega": omega.mean().item(),
+            "active_loss": l_act.mean().item(),
+            "inactive_loss": l_inact.mean().item(),
+        }
+        return (task + omega).mean(), stats
+
+    _train(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
 
 
 def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
@@ -530,7 +653,9 @@ def _run_stages(
     if config.anchor.pretrained and "anchor" in stages:
         source = dymu.load(config.anchor.pretrained, device=dev)
         model.anchor.load_state_dict(source.anchor.state_dict())
-        stages = tuple(s for s in stages if s != "anchor")
+        stages = tuple(s for s in stages if s not in ("trunk", "anchor"))
+    if not config.trunk.steps:  # the common trunk is off: the paper's independent streams
+        stages = tuple(s for s in stages if s != "trunk")
     run = Run(config, model, dataset, dev, run_dir, progress, budget=max_steps, dist=dist)
     position = load_checkpoint(run) if resume else None
     if resume and position is None:
@@ -538,7 +663,12 @@ def _run_stages(
     if not resume and (run_dir / LOG).exists() and dist.is_main:
         (run_dir / LOG).unlink()
 
-    runners = {"anchor": stage_anchor, "edge": stage_edge, "weight": stage_weight}
+    runners = {
+        "trunk": stage_trunk,
+        "anchor": stage_anchor,
+        "edge": stage_edge,
+        "weight": stage_weight,
+    }
     for stage in stages:
         if stage in run.completed:
             continue
