@@ -263,3 +263,36 @@ def test_dymu_train_cli(tmp_path):
         assert torch.equal(value, second.anchor.state_dict()[key]), key
     bad = subprocess.run([str(exe), "train", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("dymu: error: no config")
+
+
+def test_checks_record_the_resource_shape_and_the_shared_trees(tiny_run):
+    from training.evaluate import evaluate, uniform_and_one_hot
+
+    vdir, _ = tiny_run
+    model = dymu.load(vdir, device="cpu")
+    checks = model.manifest["metrics"]["checks"]
+    shape = checks["resource_shape"]
+    anchor = model.anchor_cost().flops
+    points = uniform_and_one_hot(3)
+    for name, r in points.items():
+        for c in (0.0, 0.5, 1.0):
+            want = model.cost(model.architecture(r, c)).flops / anchor
+            assert shape["fraction_of_anchor"][name][str(c)] == pytest.approx(want)
+    corners = [shape["fraction_of_anchor"][f"one-hot {i}"]["0.0"] for i in range(3)]
+    assert shape["max_one_hot_at_c0"] == pytest.approx(max(corners))
+    centre = shape["fraction_of_anchor"]["uniform"]
+    assert shape["uniform_c1_over_c0"] == pytest.approx(centre["1.0"] / centre["0.0"])
+    trees = checks["shared_trees"]["trees"]
+    assert set(trees) == {"uniform c=0.5", "uniform c=1.0"} | {
+        f"one-hot {i} c=0.0" for i in range(3)
+    }
+    # one entry recomputed from scratch on the held-out split the checks used
+    from training.pipeline import split_dataset
+
+    data = split_dataset(load_config("scenes-tiny"), held_out=True)
+    tasks = model.config.tasks
+    tree = evaluate(model.materialize(points["uniform"], 1.0), data, tasks, 50)
+    stream = evaluate(lambda x: model.anchor(x, tasks=[1]), data, [tasks[1]], 50)
+    assert trees["uniform c=1.0"]["depth"]["loss_ratio"] == pytest.approx(
+        tree["depth"]["loss"] / stream["depth"]["loss"], rel=1e-5
+    )

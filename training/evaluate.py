@@ -134,4 +134,66 @@ def method_checks(
             "within_10pct": dyn <= 1.10 * stream,
         }
     report["one_hot_vs_single_task"] = single
+    report["resource_shape"] = resource_shape(model)
+    report["shared_trees"] = shared_tree_quality(model, dataset, batch_size)
     return report
+
+
+def uniform_and_one_hot(n: int) -> dict[str, list[float]]:
+    """The centre of the simplex and its corners, named as the reports name them."""
+    points = {"uniform": [1.0 / n] * n}
+    points.update({f"one-hot {i}": [float(i == j) for j in range(n)] for i in range(n)})
+    return points
+
+
+def resource_shape(model: dymu.ControllableModel) -> dict[str, Any]:
+    """The paper's Figure 5 at the simplex's centre and corners: each tree's cost as a fraction
+    of the anchor, at c = 0, 0.5 and 1 (all tasks requested; analytic, no images)."""
+    anchor = model.anchor_cost().flops
+    shape = {
+        name: {str(c): model.cost(model.architecture(r, c)).flops / anchor for c in (0.0, 0.5, 1.0)}
+        for name, r in uniform_and_one_hot(model.n_tasks).items()
+    }
+    corners = [v["0.0"] for k, v in shape.items() if k != "uniform"]
+    centre = shape["uniform"]
+    return {
+        "fraction_of_anchor": shape,
+        "centre_costs_most_at_c0": centre["0.0"] >= max(corners),
+        "max_one_hot_at_c0": max(corners),
+        "uniform_c1_over_c0": centre["1.0"] / centre["0.0"],
+    }
+
+
+def shared_tree_quality(
+    model: dymu.ControllableModel, dataset: Any, batch_size: int = 50
+) -> dict[str, Any]:
+    """Every task's metrics on the trees that share nodes (uniform r at c = 0.5 and 1, the
+    one-hot trees at c = 0), against its own single-task stream, on the held-out split."""
+    tasks = model.config.tasks
+    data = list(batches(dataset, batch_size))
+    streams = {
+        t.name: evaluate(lambda x, i=i: model.anchor(x, tasks=[i]), data, [t], device=model.device)[
+            t.name
+        ]
+        for i, t in enumerate(tasks)
+    }
+    trees = {
+        f"{name} c={c}": (r, c)
+        for name, r in uniform_and_one_hot(model.n_tasks).items()
+        for c in ((0.5, 1.0) if name == "uniform" else (0.0,))
+    }
+    out: dict[str, Any] = {"single_task": streams, "trees": {}}
+    for key, (r, c) in trees.items():
+        metrics = evaluate(model.materialize(r, c), data, tasks, device=model.device)
+        out["trees"][key] = {
+            t.name: {
+                "loss_ratio": metrics[t.name]["loss"] / streams[t.name]["loss"],
+                **(
+                    {"accuracy_drop": streams[t.name]["accuracy"] - metrics[t.name]["accuracy"]}
+                    if "accuracy" in metrics[t.name]
+                    else {}
+                ),
+            }
+            for t in tasks
+        }
+    return out
