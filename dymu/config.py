@@ -48,7 +48,7 @@ class TaskSpec(BaseModel):
 
 
 class BackboneConfig(BaseModel):
-    """A backbone chosen by name from :data:`dymu.anchor.BACKBONES`, with its options."""
+    """A backbone chosen by name from :data:`dymu.backbones.BACKBONES`, with its options."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

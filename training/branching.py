@@ -34,6 +34,16 @@ def sample_preference(
     return r, c
 
 
+#: tau = ACTIVE_SHARE / N: a task is active when its preference is at least ACTIVE_SHARE times the
+#: uniform preference 1 / N (docs/design.md, "The branching regularizer").
+ACTIVE_SHARE = 0.6
+
+
+def default_tau(n_tasks: int) -> float:
+    """The threshold of the task dichotomy when ``[edge] tau`` is unset: 0.6 / N."""
+    return ACTIVE_SHARE / n_tasks
+
+
 def gumbel_temperature(
     step: int, start: float = 5.0, decay: float = 0.97, every: int = 300
 ) -> float:

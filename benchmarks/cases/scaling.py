@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import dymu
 from dymu.config import ModelConfig, TaskSpec
 
-from ..harness import Context, register_case
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 from .switch import random_preferences

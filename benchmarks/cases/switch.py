@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..config import size_label
-from ..harness import Context, register_case
 from ..nets import hand_made_trees, materialize
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 

@@ -1,6 +1,6 @@
 """Training of the baselines with the pipeline's own loop, data, losses and batches.
 
-Every baseline is trained by :func:`training.pipeline._train` (Adam, progress bar, CSV log) on
+Every baseline is trained by :func:`training.loop.train_stage` (Adam, progress bar, CSV log) on
 the config's training split, with the loss of dymu's hypernet stages,
 ``sum_i r_i w_i L_i`` (:func:`training.tasks.weighted_task_loss`): the dynamic baselines draw
 ``r ~ Dir(eta)`` per step (:func:`training.branching.sample_preference`, as dymu), a static
@@ -23,7 +23,10 @@ from dymu.errors import ArtifactError, ConfigError
 
 from ..branching import sample_preference
 from ..config import HypernetStage, TrainConfig
-from ..pipeline import LOG, Run, _task_stats, _train, model_config, split_dataset, step_generator
+from ..data import split_dataset
+from ..loop import task_stats, train_stage
+from ..pipeline import model_config
+from ..run import LOG, Run, step_generator
 from ..tasks import weighted_task_loss
 from .methods import BASELINES, Baseline, GeneratorOptions, StaticMTL
 from .store import MANIFEST, _read_manifest, load_method, save_baseline, save_static_set
@@ -73,13 +76,13 @@ def _fit(
         with run.autocast():
             out = net(batch["image"], r)
         total, per_task = weighted_task_loss(run.tasks, out, batch, r)
-        return total, _task_stats(per_task)
+        return total, task_stats(per_task)
 
     weight_decay = config.baselines.weight_decay
     if weight_decay is None:
         weight_decay = config.anchor.weight_decay
     t0 = time.perf_counter()
-    _train(
+    train_stage(
         run,
         desc,
         model,

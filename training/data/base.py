@@ -101,6 +101,11 @@ def to_sample(
     return out
 
 
+def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Samples stacked key by key into one batch (the DataLoader's ``collate_fn``)."""
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
 def resize_sample(sample: Sample, tasks: Sequence[TaskSpec], size: tuple[int, int]) -> Sample:
     """Resize a tensor sample to ``size`` = (H, W): the image bilinearly (antialiased when
     shrinking), every dense target by nearest neighbour so labels, ignore values and the

@@ -21,8 +21,8 @@ import torch
 
 from dymu.config import TaskSpec
 
-from ..evaluate import evaluate, random_preferences
 from ..tasks import delta_m
+from .checks import evaluate, random_preferences
 from .methods import Row
 from .metrics import Hypervolume, hypervolume, uniformity
 
@@ -112,7 +112,7 @@ class Evaluator:
         device: torch.device | str = "cpu",
         progress: Any = None,
     ) -> None:
-        from ..evaluate import batches
+        from .checks import batches
 
         self.tasks = tuple(tasks)
         self.names = tuple(t.name for t in self.tasks)

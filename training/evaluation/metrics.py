@@ -196,7 +196,7 @@ def _constant_predictor_losses(benchmark: str) -> dict[str, float]:
     import torch
 
     from ..config import load_config
-    from ..pipeline import collate, split_dataset
+    from ..data import collate, split_dataset
     from ..tasks import task_loss
 
     config = load_config({"scenes": "scenes-small"}.get(benchmark, benchmark))

@@ -18,8 +18,8 @@ import torch
 import dymu
 from dymu.config import TaskSpec
 
-from .pipeline import collate
-from .tasks import make_meters
+from ..data import collate
+from ..tasks import make_meters
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 

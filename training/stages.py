@@ -1,0 +1,201 @@
+"""The four stages of dymu's training (paper §3, App. F; docs/design.md, "The stages").
+
+``anchor`` (stage 0: N single-task streams), ``affinity`` (stage 0b: RSA task affinity),
+``edge`` (stage 1: edge hypernet + branching regularizer), ``weight`` (stage 2: weight
+hypernet). Each stage supplies a loss to :func:`training.loop.train_stage`; stage 1's loss of one
+step is :func:`edge_loss`, which the benchmark's training-step case times as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dymu.anchor import AnchorNet
+from dymu.architecture import Architecture
+from dymu.config import TaskSpec
+
+from .branching import (
+    RegularizerSwitches,
+    branching_regularizer,
+    default_tau,
+    gumbel_temperature,
+    sample_preference,
+    task_affinity,
+)
+from .config import EdgeStage
+from .data import collate
+from .loop import freeze, task_stats, train_stage
+from .run import Run, step_generator
+from .tasks import weighted_task_loss
+
+#: Images per forward pass of stage 0b (bounds its memory; the affinity does not depend on it).
+AFFINITY_CHUNK = 16
+
+
+def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
+    cfg, anchor = run.config.anchor, run.model.anchor
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.autocast():
+            out = net(batch["image"])
+        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
+        return total, task_stats(per_task)
+
+    train_stage(
+        run,
+        "anchor",
+        anchor,
+        cfg,
+        start,
+        opt_state,
+        loss_fn,
+        lambda s: cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+@torch.no_grad()
+def stage_affinity(run: Run) -> torch.Tensor:
+    """Stage 0b: RSA task affinity over K training images (App. D)."""
+    anchor = run.model.anchor.eval()
+    k = min(run.config.affinity.images, len(run.train_set))
+    gen = step_generator(run.config.seed, "affinity", 0)
+    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
+    feats: list[list[list[torch.Tensor]]] = [
+        [[] for _ in range(anchor.n_tasks)] for _ in range(anchor.num_layers)
+    ]
+    for chunk in range(0, k, AFFINITY_CHUNK):
+        images = [run.train_set[i] for i in idx[chunk : chunk + AFFINITY_CHUNK]]
+        x = collate(images)["image"].to(run.device)
+        for j in range(anchor.n_tasks):
+            y = x
+            for l in range(anchor.num_layers):
+                y = anchor.node(l, j)(y)
+                feats[l][j].append(y.float().cpu())
+    return task_affinity(
+        [[torch.cat(f) for f in per_task] for per_task in feats], run.config.affinity.score
+    )
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """nu = softmax((logits + g) / tau), g ~ Gumbel(0, 1) drawn from ``gen`` (repeatable)."""
+    u = torch.rand(logits.shape, generator=gen).to(logits.device).clamp(1e-10, 1 - 1e-10)
+    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+@dataclass(frozen=True)
+class EdgeObjective:
+    """What stays fixed over stage 1: the stage's options, the tasks, A and the threshold tau."""
+
+    cfg: EdgeStage
+    tasks: tuple[TaskSpec, ...]
+    affinity: torch.Tensor
+    tau: float
+    switches: RegularizerSwitches
+
+    @classmethod
+    def build(
+        cls,
+        cfg: EdgeStage,
+        tasks: tuple[TaskSpec, ...],
+        affinity: torch.Tensor | None,
+        device: torch.device,
+    ) -> EdgeObjective:
+        """The objective of ``cfg``; no affinity (stage 0b skipped) means A = 1 everywhere."""
+        n = len(tasks)
+        tau = cfg.tau if cfg.tau is not None else default_tau(n)
+        switches = RegularizerSwitches(
+            cfg.inactive_loss, cfg.layer_weighting, cfg.affinity, cfg.dichotomy
+        )
+        aff = (affinity if affinity is not None else torch.ones(n, n)).to(device)
+        return cls(cfg, tuple(tasks), aff, tau, switches)
+
+
+def edge_loss(
+    net: nn.Module,
+    anchor: AnchorNet,
+    objective: EdgeObjective,
+    step: int,
+    batch: dict,
+    gen: torch.Generator,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 1: sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 3-5, App. E).
+
+    ``net`` is the edge hypernet (possibly under DDP); r, c and the Gumbel noise are drawn from
+    ``gen`` in that order.
+    """
+    cfg, device = objective.cfg, objective.affinity.device
+    r, c = sample_preference(len(objective.tasks), cfg.eta, gen)
+    r = r.to(device)
+    zeta = gumbel_temperature(
+        step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
+    )
+    logits = net(r, c.to(device))
+    if cfg.logit_bound is not None:  # monotonic: the arg-max tree is unchanged
+        logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
+    nu = gumbel_softmax(logits, zeta, gen)
+    with autocast():
+        out = anchor.forward_soft(batch["image"], list(nu))
+    task_total, per_task = weighted_task_loss(objective.tasks, out, batch, r)
+    probs = nu.float() if cfg.regularize_samples else torch.softmax(logits.float(), dim=-1)
+    omega, reg = branching_regularizer(
+        list(probs),
+        r,
+        c,
+        objective.affinity,
+        objective.tau,
+        cfg.lambda_active,
+        cfg.lambda_inactive,
+        objective.switches,
+        cfg.regularizer,
+    )
+    stats = {"task_loss": task_total.item(), "omega": omega.item(), "zeta": zeta, **reg}
+    return task_total + omega, {**stats, **task_stats(per_task)}
+
+
+def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 5)."""
+    cfg, model = run.config.edge, run.model
+    freeze(model.anchor)
+    objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(run.config.seed, "edge-pref", step)
+        return edge_loss(net, model.anchor, objective, step, batch, gen, run.autocast)
+
+    train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
+
+
+def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 2: weight hypernet on the arg-max trees inference will use; loss = sum r_i w_i L_i."""
+    cfg, model = run.config.weight, run.model
+    freeze(model.anchor)
+    freeze(model.edge_hypernet)
+    hyper = model.weight_hypernet
+    n = model.n_tasks
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(run.config.seed, "weight-pref", step)
+        r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
+        with torch.no_grad():
+            arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
+        deltas = net(r, c, arch.node_list())
+        with run.autocast():
+            out = model.anchor.forward_tree(batch["image"], arch, deltas)
+        total, per_task = weighted_task_loss(run.tasks, out, batch, r)
+        return total, task_stats(per_task)
+
+    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
+    train_stage(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at, find_unused=True)
+
+
+#: The stages that train (stage 0b computes the affinity instead: :func:`stage_affinity`).
+TRAINING_STAGES = {"anchor": stage_anchor, "edge": stage_edge, "weight": stage_weight}
