@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .device import resolve_device
-from .errors import ArtifactError
+from .errors import ArtifactError, validation_message
 from .model import ControllableModel, describe
 
 FORMAT = "dymu-artifact"
@@ -94,10 +94,8 @@ def config_from_manifest(manifest: Mapping[str, Any], where: Path) -> ModelConfi
             {k: manifest[k] for k in ModelConfig.model_fields if k in manifest}
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
         raise ArtifactError(
-            f"{where} has an invalid model config: "
-            f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+            f"{where} has an invalid model config: {validation_message(exc.errors())}"
         ) from exc
 
 

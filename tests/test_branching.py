@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dymu.preference import sample_preference
 from training.branching import (
     RegularizerSwitches,
     active_loss,
@@ -15,7 +16,6 @@ from training.branching import (
     merge_probability,
     path_active_loss,
     path_inactive_loss,
-    sample_preference,
     task_affinity,
     task_dichotomy,
     usage_probability,

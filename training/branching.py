@@ -24,16 +24,6 @@ class RegularizerSwitches:
     dichotomy: bool = True
 
 
-def sample_preference(
-    n_tasks: int, eta: float = 0.2, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """r ~ Dir(eta * 1_N), c ~ U(0, 1) (DESIGN.md §2, Stage 1)."""
-    gamma = torch._standard_gamma(torch.full((n_tasks,), float(eta)), generator=generator)
-    r = gamma / gamma.sum() if gamma.sum() > 0 else torch.full((n_tasks,), 1.0 / n_tasks)
-    c = torch.rand((), generator=generator)
-    return r, c
-
-
 #: tau = ACTIVE_SHARE / N: a task is active when its preference is at least ACTIVE_SHARE times the
 #: uniform preference 1 / N (docs/design.md, "The branching regularizer").
 ACTIVE_SHARE = 0.6

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dymu.config import BackboneConfig, HypernetConfig
-from dymu.errors import ConfigError
+from dymu.errors import ConfigError, validation_message
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PAPER_STEPS = 30_000
@@ -224,5 +224,4 @@ def load_config(name_or_path: str | Path) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise ConfigError(f"{path}: {validation_message(exc.errors())}") from exc

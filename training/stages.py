@@ -19,13 +19,13 @@ from torch import nn
 from dymu.anchor import AnchorNet
 from dymu.architecture import Architecture
 from dymu.config import TaskSpec
+from dymu.preference import sample_preference
 
 from .branching import (
     RegularizerSwitches,
     branching_regularizer,
     default_tau,
     gumbel_temperature,
-    sample_preference,
     task_affinity,
 )
 from .config import EdgeStage

@@ -3,7 +3,7 @@
 Every baseline is trained by :func:`training.loop.train_stage` (Adam, progress bar, CSV log) on
 the config's training split, with the loss of dymu's hypernet stages,
 ``sum_i r_i w_i L_i`` (:func:`training.tasks.weighted_task_loss`): the dynamic baselines draw
-``r ~ Dir(eta)`` per step (:func:`training.branching.sample_preference`, as dymu), a static
+``r ~ Dir(eta)`` per step (:func:`dymu.preference.sample_preference`, as dymu), a static
 network keeps its fixed ``r_k``. All baselines see the same batches (one random stream).
 """
 
@@ -20,8 +20,8 @@ import torch
 
 from dymu.device import resolve_device
 from dymu.errors import ArtifactError, ConfigError
+from dymu.preference import sample_preference, sample_simplex
 
-from ..branching import sample_preference
 from ..config import HypernetStage, TrainConfig
 from ..data import split_dataset
 from ..loop import task_stats, train_stage
@@ -45,8 +45,8 @@ def generator_options(config: TrainConfig) -> GeneratorOptions:
 def static_preferences(n_tasks: int, count: int, seed: int) -> list[tuple[float, ...]]:
     """The K fixed preferences: uniform on the simplex (Dir(1)), as in the paper's Fig. 6."""
     g = torch.Generator().manual_seed(seed)
-    r = torch._standard_gamma(torch.ones(count, n_tasks, dtype=torch.float64), generator=g)
-    return [tuple(row.tolist()) for row in r / r.sum(1, keepdim=True)]
+    r = sample_simplex(n_tasks, 1.0, g, count=count, dtype=torch.float64)
+    return [tuple(row.tolist()) for row in r]
 
 
 def _fit(

@@ -37,11 +37,11 @@ from torch.utils.data import Dataset
 
 from dymu.config import TaskSpec
 from dymu.errors import DymuError
+from dymu.normalization import IMAGENET
 
 #: ImageNet channel statistics (the convention of the MTAN / MTI-Net pipelines and of
-#: ImageNet-pretrained backbones).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ImageNet-pretrained backbones), from the one table of :mod:`dymu.normalization`.
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 
 Sample = dict[str, torch.Tensor]
 RawSample = dict[str, np.ndarray]

@@ -17,6 +17,7 @@ import torch
 
 import dymu
 from dymu.config import TaskSpec
+from dymu.preference import sample_preferences
 
 from ..data import collate
 from ..tasks import make_meters
@@ -53,17 +54,6 @@ def evaluate(
     return {name: m.compute() for name, m in meters.items() if any(name == t.name for t in tasks)}
 
 
-def random_preferences(
-    n_tasks: int, count: int, seed: int, c: float | None = None
-) -> list[tuple[list[float], float]]:
-    """``count`` preferences with r uniform on the simplex (Dir(1)) and c uniform (or fixed)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch._standard_gamma(torch.ones(count, n_tasks), generator=g)
-    r = r / r.sum(1, keepdim=True)
-    cs = torch.rand(count, generator=g) if c is None else torch.full((count,), float(c))
-    return [(row.tolist(), float(ci)) for row, ci in zip(r, cs, strict=True)]
-
-
 def method_checks(
     model: dymu.ControllableModel,
     dataset: Any,
@@ -84,7 +74,7 @@ def method_checks(
     # 1. mean active FLOPs over random r, for c = 0, 0.5, 1 (analytic; no images needed)
     flops = {}
     for c in (0.0, 0.5, 1.0):
-        prefs = random_preferences(n, n_preferences, seed, c=c)
+        prefs = sample_preferences(n, n_preferences, seed, c=c)
         costs = [model.cost(model.architecture(r, c)).flops for r, _ in prefs]
         flops[str(c)] = {
             "mean_gflops": statistics.fmean(costs) / 1e9,
@@ -97,7 +87,7 @@ def method_checks(
     )
 
     # 2. per task: mean loss at r_i >= 0.6 vs r_i <= 0.1, over random (r, c)
-    prefs = random_preferences(n, n_preferences, seed + 1)
+    prefs = sample_preferences(n, n_preferences, seed + 1)
     losses = []
     for r, c in prefs:
         net = model.materialize(r, c)

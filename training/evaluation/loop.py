@@ -1,11 +1,12 @@
 """The evaluation loop: every row at every preference on the held-out split (paper §4.1).
 
-For each row, P preferences r (uniform on the simplex, fixed seed: :func:`random_preferences`)
-at the row's c give P loss vectors ``(w_i L_i)_i`` (split-level losses, see
-:mod:`training.evaluation.metrics`), their hypervolume and mean uniformity, the split-level
-metrics and Δ_m against the Single-Task row; inference params and GFLOPs are means over
-``cost_preferences`` (1,000) preferences from dymu's cost model. The sweeps behind the figures
-(marginal controllability, pairwise trade-offs, resource usage over the simplex) use the same
+For each row, P preferences r (uniform on the simplex, fixed seed:
+:func:`dymu.preference.sample_preferences`) at the row's c give P loss vectors
+``(w_i L_i)_i`` (split-level losses, see :mod:`training.evaluation.metrics`), their hypervolume
+and mean uniformity, the split-level metrics and Δ_m against the Single-Task row; inference
+params and GFLOPs are means over ``cost_preferences`` (1,000) preferences from dymu's cost
+model. The sweeps behind the figures (marginal controllability, pairwise trade-offs, resource
+usage over the simplex) use the same
 :class:`Evaluator`.
 """
 
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from dymu.config import TaskSpec
+from dymu.preference import sample_preferences
 
 from ..tasks import delta_m
-from .checks import evaluate, random_preferences
+from .checks import evaluate
 from .methods import Row
 from .metrics import Hypervolume, hypervolume, uniformity
 
@@ -200,7 +202,7 @@ def relative_to_single_task(
 
 def preferences(n_tasks: int, count: int, seed: int) -> list[Preference]:
     """``count`` preferences r uniform on the simplex (Dir(1)) from ``seed`` (c comes per row)."""
-    return [(r, None) for r, _ in random_preferences(n_tasks, count, seed)]
+    return [(r, None) for r, _ in sample_preferences(n_tasks, count, seed)]
 
 
 def marginal_grid(n_tasks: int, points: int) -> list[tuple[int, float, list[float]]]:
@@ -239,7 +241,7 @@ def simplex_grid(n_tasks: int, steps: int) -> list[list[float]]:
             for a in range(steps + 1)
             for b in range(steps + 1 - a)
         ]
-    return [r for r, _ in random_preferences(n_tasks, 300, seed=1234)]
+    return [r for r, _ in sample_preferences(n_tasks, 300, seed=1234)]
 
 
 def finite(x: float | None) -> float | None:
