@@ -208,7 +208,7 @@ def save(
     """Write ``model`` as a new version under ``store_dir`` (``model_store/<name>``), atomically.
 
     ``version`` defaults to the next ``v<n>``. ``task_affinity`` is the N x N RSA affinity
-    (DESIGN.md §2); ``training`` records the command, data seed, wall time, etc.
+    (paper App. D; docs/design.md §4); ``training`` records the command, data seed, wall time, etc.
     ``input_normalization`` = ``{"mean": [...], "std": [...]}`` of [0, 1] pixels, per input
     channel: how images must be normalized before the model sees them. Returns the version
     directory.

@@ -1,4 +1,5 @@
-"""Every term of the edge hypernet's regularizer against hand-computed values (DESIGN.md §2)."""
+"""Every term of the edge hypernet's regularizer against hand-computed values (paper Eq. 3, 5,
+6, 9; docs/design.md §7)."""
 
 import math
 

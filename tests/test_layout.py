@@ -1,9 +1,11 @@
 """The code's layout rules: no import cycles between the project's files (imports inside
-functions count), and no function longer than MAX_FUNCTION_LINES lines."""
+functions count), no function longer than MAX_FUNCTION_LINES lines, and no citation of a
+document that is not in the repository."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,25 @@ def _long_functions() -> list[tuple[int, str]]:
 @pytest.mark.parametrize("limit", [MAX_FUNCTION_LINES])
 def test_no_function_is_longer_than_the_limit(limit: int) -> None:
     assert _long_functions() == [], f"functions over {limit} lines"
+
+
+# Spelled in pieces so that this file does not cite them itself.
+OUTSIDE_DOCUMENTS = ("DESIGN" + ".md", "../" + "shared/", "/work" + "/shared")
+
+
+def test_no_citation_of_a_document_outside_the_repository() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.toml", "*.js", "*.html"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    cited = [
+        f"{name}: {needle}"
+        for name in tracked
+        if (ROOT / name).is_file()
+        for needle in OUTSIDE_DOCUMENTS
+        if needle in (ROOT / name).read_text(errors="replace")
+    ]
+    assert cited == []

@@ -1,6 +1,6 @@
 """Training configuration: TOML files under training/configs/, validated with pydantic.
 
-Every value has a default from the paper (App. G) or DESIGN.md §2; a config file names what
+Every value has a default from the paper (App. G) or docs/design.md §4; a config file names what
 differs. Schedules given in the paper in steps of its 30k-step budget (learning-rate decay every
 14k, temperature decay every 300) scale with a stage's step budget unless set explicitly.
 """
@@ -96,7 +96,7 @@ class EdgeStage(HypernetStage):
     regularizer: Literal["path", "stream"] = Field(
         default="path",
         description="read L_active / L_inactive along each task's path (default) or by stream "
-        "index as DESIGN.md writes it (docs/training.md, 'The branching regularizer')",
+        "index as the paper's Eq. 3 and 5 write it (docs/design.md §7)",
     )
     # Ablation switches (Table 6).
     inactive_loss: bool = True

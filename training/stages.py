@@ -127,7 +127,7 @@ def edge_loss(
     gen: torch.Generator,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step of stage 1: sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 3-5, App. E).
+    """One step of stage 1: sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 2, with Eq. 4 and 6).
 
     ``net`` is the edge hypernet (possibly under DDP); r, c and the Gumbel noise are drawn from
     ``gen`` in that order.
@@ -162,7 +162,7 @@ def edge_loss(
 
 
 def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
-    """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 5)."""
+    """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 2, 6)."""
     cfg, model = run.config.edge, run.model
     freeze(model.anchor)
     objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)

@@ -1,4 +1,4 @@
-"""dymu's benchmarks (DESIGN.md §4), all returning :class:`MultiTaskDataset` samples.
+"""dymu's benchmarks (docs/design.md §6), all returning :class:`MultiTaskDataset` samples.
 
 ============== ========================================= ======================================
 name           tasks (loss scale, App. G)                data

@@ -1,6 +1,6 @@
 """``scenes``: procedurally rendered 3-D scenes with exact semantic labels, depth and normals.
 
-The embedded default benchmark (DESIGN.md §4): a room (floor, back wall, two side walls) holding
+The default benchmark (docs/design.md §6): a room (floor, back wall, two side walls) holding
 a few objects (spheres, boxes rotated about the vertical axis, upright cylinders and cones),
 seen by a pinhole camera and ray cast exactly, fully vectorized over pixels in numpy (one pass
 per surface, no per-pixel Python loop).

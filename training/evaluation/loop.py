@@ -28,7 +28,9 @@ from .checks import evaluate
 from .methods import Row
 from .metrics import Hypervolume, hypervolume, uniformity
 
-Preference = tuple[list[float], float | None]
+#: One preference of the evaluation: ``(r, c)``, c None where the row brings its own c. Not
+#: :class:`dymu.Preference` (a validated preference), hence the other name.
+PreferencePoint = tuple[list[float], float | None]
 
 
 @dataclass
@@ -82,7 +84,7 @@ def loss_vector(
 
 
 def mean_cost(
-    method: Any, c: float | None, preferences: Sequence[Preference]
+    method: Any, c: float | None, preferences: Sequence[PreferencePoint]
 ) -> tuple[float, float]:
     """Mean (GFLOPs, params) of ``method`` over ``preferences`` at cost preference ``c``.
 
@@ -153,7 +155,7 @@ class Evaluator:
             point.delta_m = relative_to_single_task(metrics, self.single_task)
         return point
 
-    def row_points(self, row: Row, preferences: Sequence[Preference]) -> list[Point]:
+    def row_points(self, row: Row, preferences: Sequence[PreferencePoint]) -> list[Point]:
         """The row at each preference (the static group: each network at its own r_k)."""
         if self.progress is not None:
             self.progress.set_description(row.label[:40])
@@ -164,9 +166,9 @@ class Evaluator:
     def row_result(
         self,
         row: Row,
-        preferences: Sequence[Preference],
+        preferences: Sequence[PreferencePoint],
         reference: Sequence[float],
-        cost_preferences: Sequence[Preference],
+        cost_preferences: Sequence[PreferencePoint],
     ) -> RowResult:
         points = self.row_points(row, preferences)
         hv = hypervolume([p.vector(self.names) for p in points], reference)
@@ -200,7 +202,7 @@ def relative_to_single_task(
     return delta_m(shared, usable) if shared else None
 
 
-def preferences(n_tasks: int, count: int, seed: int) -> list[Preference]:
+def preferences(n_tasks: int, count: int, seed: int) -> list[PreferencePoint]:
     """``count`` preferences r uniform on the simplex (Dir(1)) from ``seed`` (c comes per row)."""
     return [(r, None) for r, _ in sample_preferences(n_tasks, count, seed)]
 

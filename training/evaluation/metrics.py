@@ -1,4 +1,4 @@
-"""Set-level metrics of a controllable model (paper §4.1, App. J; DESIGN.md §3).
+"""Set-level metrics of a controllable model (paper §4.1, App. J; docs/design.md §5).
 
 * :func:`hypervolume` — the volume of loss space dominated by a set of loss vectors and bounded
   by a reference point (App. J, eq. 10), computed with moocore: exactly up to
