@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 import dymu
+from dymu.backbones import build_backbone
+from dymu.backbones.pretrained import load_encoder
 from dymu.config import ModelConfig, TaskSpec
 from dymu.device import resolve_device
 from dymu.errors import ConfigError
@@ -51,6 +53,13 @@ def model_config(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> ModelConfi
 def build_model(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> dymu.ControllableModel:
     torch.manual_seed(config.seed)
     return dymu.create_model(model_config(config, tasks))
+
+
+def init_encoders(model: dymu.ControllableModel, path: str) -> str:
+    """Every stream's encoder from the pretrained file ``path`` (``[backbone] init``), before
+    stage 0; the heads keep their initialization. Returns the file's key layout."""
+    backbone = build_backbone(model.config.backbone, model.config.in_channels)
+    return load_encoder(backbone, [stream.blocks for stream in model.anchor.streams], path)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
         source = dymu.load(config.anchor.pretrained, device=dev)
         model.anchor.load_state_dict(source.anchor.state_dict())
         stages = tuple(s for s in stages if s != "anchor")
+    elif config.backbone.init and "anchor" in stages:
+        init_encoders(model, config.backbone.init)
     run = Run(
         config, model, dataset, dev, run_dir, request.progress,
         budget=request.max_steps, dist=request.dist,
