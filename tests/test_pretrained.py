@@ -253,3 +253,20 @@ def test_training_loads_the_file_before_stage_0(tmp_path: Path, resnet_file: Pat
     assert all(torch.equal(s.blocks[0][0][0].weight, conv1) for s in run.model.anchor.streams)
     assert config.model_dump(mode="json")["backbone"]["init"] == str(resnet_file)
     assert "init" not in base.model_dump(mode="json")["backbone"]  # unset: dumps as before
+
+
+def test_the_baselines_shared_encoder_starts_from_the_file_too(resnet_file: Path) -> None:
+    from training.baselines.methods import BASELINES, GeneratorOptions
+    from training.baselines.train import init_encoder
+
+    config = ModelConfig(
+        tasks=TASKS,
+        backbone=BackboneConfig(name="resnet34_deeplab", init=str(resnet_file)),
+        input_size=(64, 64),
+    )
+    conv1 = torchvision_resnet34()["conv1.weight"]
+    cpmtl = init_encoder(BASELINES["cpmtl"](config, GeneratorOptions(chunk_size=4096)))
+    assert torch.equal(cpmtl.net.blocks[0][0][0].weight, conv1)
+    unset = config.model_copy(update={"backbone": BackboneConfig(name="resnet34_deeplab")})
+    fresh = init_encoder(BASELINES["cpmtl"](unset, GeneratorOptions(chunk_size=4096)))
+    assert not torch.equal(fresh.net.blocks[0][0][0].weight, conv1)

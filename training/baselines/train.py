@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dymu.backbones import build_backbone
+from dymu.backbones.pretrained import load_encoder
 from dymu.device import resolve_device
 from dymu.errors import ArtifactError, ConfigError
 from dymu.preference import sample_preference, sample_simplex
@@ -28,7 +30,7 @@ from ..loop import task_stats, train_stage
 from ..pipeline import model_config
 from ..run import LOG, Run, step_generator
 from ..tasks import weighted_task_loss
-from .methods import BASELINES, Baseline, GeneratorOptions, StaticMTL
+from .methods import BASELINES, PHN, Baseline, GeneratorOptions, StaticMTL
 from .store import MANIFEST, _read_manifest, load_method, save_baseline, save_static_set
 
 
@@ -47,6 +49,19 @@ def static_preferences(n_tasks: int, count: int, seed: int) -> list[tuple[float,
     g = torch.Generator().manual_seed(seed)
     r = sample_simplex(n_tasks, 1.0, g, count=count, dtype=torch.float64)
     return [tuple(row.tolist()) for row in r]
+
+
+def init_encoder(model: Baseline) -> Baseline:
+    """The shared encoder from ``[backbone] init`` when the config names one, as dymu's streams.
+
+    PHN generates every weight of its network, so a pretrained encoder has nothing to start
+    from there; the other baselines train the encoder's own weights and start from the file.
+    """
+    path = model.config.backbone.init
+    if path and not isinstance(model, PHN):
+        backbone = build_backbone(model.config.backbone, model.config.in_channels)
+        load_encoder(backbone, [model.net.blocks], path)
+    return model
 
 
 def _fit(
@@ -154,7 +169,7 @@ def train_baseline(
         if out.exists():
             raise ArtifactError(f"{out} already exists; remove it or choose another directory")
         torch.manual_seed(cfg.seed)
-        model = BASELINES[name](mcfg, options).to(dev)
+        model = init_encoder(BASELINES[name](mcfg, options)).to(dev)
         work = out.parent / f".work-{out.name}"
         seconds = _fit(model, cfg, dataset, dev, budget, work, name, progress)
         record = _record(cfg, budget, seconds, dev, command)
@@ -176,7 +191,7 @@ def train_baseline(
         if member_dir.exists():
             shutil.rmtree(member_dir)
         torch.manual_seed(cfg.seed)
-        model = StaticMTL(mcfg, options, r=r).to(dev)
+        model = init_encoder(StaticMTL(mcfg, options, r=r)).to(dev)
         work = out / f".work-k{k}"
         model.train_seconds = _fit(model, cfg, dataset, dev, budget, work, f"static k{k}", progress)
         record = _record(cfg, budget, model.train_seconds, dev, command)
