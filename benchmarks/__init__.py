@@ -6,6 +6,7 @@ side by side. See docs/benchmarks.md.
 """
 
 from .config import BenchConfig, preset
-from .harness import CASES, register_case, run_bench
+from .harness import run_bench
+from .registry import CASES, register_case
 
 __all__ = ["CASES", "BenchConfig", "preset", "register_case", "run_bench"]

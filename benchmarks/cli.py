@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dymu.errors import DymuError
+from dymu.errors import DymuError, validation_message
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -36,8 +36,7 @@ def _bench(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise DymuError(f"bad option {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise DymuError(f"bad option {validation_message(exc.errors())}") from exc
     command = command_line(args, mode)
     report = run_bench(config, args.out, command=command)
     failed = [n for n, rec in report["cases"].items() if rec["status"] != "ok"]

@@ -1,11 +1,12 @@
-"""The benchmark harness: a registry of cases, one run loop, one JSON file and one summary.
+"""The benchmark harness: one run loop over the registered cases, one JSON file, one summary.
 
     from benchmarks import preset, run_bench
     run_bench(preset("quick"), out_dir="bench-results")   # = dymu bench --quick --out ...
 
-Each case is a function ``run(ctx) -> dict`` registered by name with :func:`register_case`,
-plus ``markdown(result) -> str`` for the summary. A case that raises is recorded with its
-traceback and the others still run; the run then reports failure.
+Each case is a function ``run(ctx) -> dict`` registered by name with
+:func:`benchmarks.registry.register_case`, plus ``markdown(result) -> str`` for the summary. A
+case that raises is recorded with its traceback and the others still run; the run then reports
+failure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,70 +26,18 @@ from dymu.errors import ConfigError
 from dymu.store import resolve
 
 from . import machine
-from .config import BenchConfig, parse_size
-from .timing import synchronizer
+from .config import BenchConfig
+from .registry import CASES, ROOT, Case, Context, register_case
 
 SCHEMA = "dymu-bench/1"
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Context:
-    """What every case gets: the config, the loaded model, the device and earlier results."""
-
-    config: BenchConfig
-    model: dymu.ControllableModel
-    model_dir: Path
-    device: torch.device
-    out_dir: Path = Path(".")
-    results: dict[str, Any] = field(default_factory=dict)
-    peak: dict[str, Any] = field(default_factory=dict)
-    log: Callable[[str], None] = lambda msg: print(msg, flush=True)
-
-    @property
-    def sync(self) -> Callable[[], None]:
-        return synchronizer(self.device)
-
-    def hw(self, size: str) -> tuple[int, int]:
-        return parse_size(size, self.model.input_size)
-
-    def images(self, batch: int, hw: tuple[int, int], seed: int | None = None) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        x = torch.randn(batch, self.model.config.in_channels, *hw, generator=g)
-        return x.to(self.device)
-
-    def budget(self, points: int = 1) -> float:
-        return self.config.point_budget_s / max(points, 1)
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    number: int  # the issue's case number
-    title: str
-    run: Callable[[Context], dict[str, Any]]
-    markdown: Callable[[dict[str, Any]], str]
-
-
-CASES: dict[str, Case] = {}
-
-
-def register_case(
-    name: str, number: int, title: str, markdown: Callable[[dict[str, Any]], str]
-) -> Callable[[Callable[[Context], dict[str, Any]]], Callable[[Context], dict[str, Any]]]:
-    """Register ``run(ctx) -> dict`` as case ``name``; cases run in the order of ``number``."""
-
-    def add(fn: Callable[[Context], dict[str, Any]]) -> Callable[[Context], dict[str, Any]]:
-        CASES[name] = Case(name, number, title, fn, markdown)
-        return fn
-
-    return add
+__all__ = ["CASES", "ROOT", "Case", "Context", "register_case", "run_bench", "selected_cases"]
 
 
 def selected_cases(names: tuple[str, ...]) -> list[Case]:
-    from . import cases  # noqa: F401  (registers the built-in cases)
+    """The registered cases named (all when ``names`` is empty), in the order of their number."""
+    from . import cases  # noqa: F401  (registers the built-in cases; imported only when run)
 
     ordered = sorted(CASES.values(), key=lambda c: c.number)  # profile (8) reads case 1
     unknown = [n for n in names if n not in CASES]

@@ -1,10 +1,11 @@
 """The anchor net F: N single-task streams of L blocks, a head per task (paper §3.1).
 
 Node ``(l, j)`` is block ``l`` of stream ``j``. Backbones are recipes chosen by name from
-:data:`BACKBONES`; each builds the L blocks of one stream and the head of one task, and names the
-layers whose outputs the heads read (``taps``: the top layer, plus e.g. a DeepLabv3+ low-level
-feature). A head always reads taps from *its own path* through the tree: in a tree, head ``j``'s
-low-level feature is the output of the ancestor of ``(L-1, j)`` at the tap layer.
+:data:`dymu.backbones.BACKBONES` (re-exported here); each builds the L blocks of one stream and
+the head of one task, and names the layers whose outputs the heads read (``taps``: the top
+layer, plus e.g. a DeepLabv3+ low-level feature). A head always reads taps from *its own path*
+through the tree: in a tree, head ``j``'s low-level feature is the output of the ancestor of
+``(L-1, j)`` at the tap layer.
 
 Every convolution that is followed by BatchNorm is a :class:`ConvBNAct`, so that BN can be
 modulated by the weight hypernet (by name) and folded into the conv at inference.
@@ -12,59 +13,19 @@ modulated by the weight hypernet (by name) and folded into the conv at inference
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .architecture import Architecture
-from .config import BackboneConfig, ModelConfig, TaskSpec
+from .backbones import BACKBONES, Backbone, ConvBNAct, build_backbone, register_backbone
+from .config import ModelConfig, TaskSpec
 from .errors import ConfigError, InputError
 
 #: ``{(layer, stream): {bn_module_name: (delta_gamma, delta_beta)}}`` for one preference.
 BNDeltas = Mapping[tuple[int, int], Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
-
-
-class ConvBNAct(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> optional activation; foldable into one biased conv."""
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        kernel: int = 3,
-        stride: int = 1,
-        groups: int = 1,
-        dilation: int = 1,
-        act: Callable[[], nn.Module] | None = nn.ReLU,
-    ) -> None:
-        padding = dilation * (kernel - 1) // 2
-        super().__init__(
-            nn.Conv2d(
-                cin, cout, kernel, stride, padding, dilation=dilation, groups=groups, bias=False
-            ),
-            nn.BatchNorm2d(cout),
-            act(inplace=True) if act is not None else nn.Identity(),
-        )
-
-    @torch.no_grad()
-    def fold_(self) -> None:
-        """Fold the BN (eval statistics, current gamma/beta) into the conv, in place.
-
-        w' = w * g / sqrt(var + eps);  b' = beta + (b - mean) * g / sqrt(var + eps).
-        """
-        conv, bn = self[0], self[1]
-        if not isinstance(bn, nn.BatchNorm2d):
-            return
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        # Replace the tensors rather than building a new Conv2d: module construction would
-        # re-initialize weights only to overwrite them (a third of materialization time).
-        conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-        conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
-        self[1] = nn.Identity()
 
 
 def fold_batchnorm_(module: nn.Module) -> nn.Module:
@@ -113,58 +74,6 @@ def unit_normals(y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     the gradient finite at zero vectors, as F.normalize's does.
     """
     return y * torch.rsqrt(y.square().sum(dim=1, keepdim=True).clamp_min(eps * eps))
-
-
-class Backbone:
-    """Recipe for one stream. Subclasses set ``num_layers``/``taps`` and build fresh modules.
-
-    ``taps`` are ascending 0-based layer indices whose outputs the head reads, ending with the
-    top layer ``num_layers - 1``. Every stream of an anchor net uses the same recipe, so node
-    outputs at a layer have the same shape in every stream (a child can read any parent).
-    """
-
-    name: ClassVar[str]
-    num_layers: int
-    taps: tuple[int, ...]
-
-    def __init__(self, in_channels: int = 3) -> None:
-        self.in_channels = in_channels
-
-    def make_blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def make_head(self, task: TaskSpec) -> nn.Module:
-        """The body of ``task``'s head: ``forward(feats, out_hw) -> tensor``."""
-        raise NotImplementedError
-
-
-#: Backbones by name. Register new ones with :func:`register_backbone`.
-BACKBONES: dict[str, type[Backbone]] = {}
-
-
-def register_backbone(cls: type[Backbone]) -> type[Backbone]:
-    if cls.name in BACKBONES:
-        raise ConfigError(f"backbone {cls.name!r} is registered twice")
-    BACKBONES[cls.name] = cls
-    return cls
-
-
-def build_backbone(config: BackboneConfig, in_channels: int) -> Backbone:
-    from . import backbones  # noqa: F401  (registers the built-in backbones)
-
-    if config.name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {config.name!r}; known: {sorted(BACKBONES)}")
-    try:
-        backbone = BACKBONES[config.name](in_channels=in_channels, **config.options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad options for backbone {config.name!r}: {exc}") from exc
-    if (
-        not backbone.taps
-        or backbone.taps[-1] != backbone.num_layers - 1
-        or list(backbone.taps) != sorted(set(backbone.taps))
-    ):
-        raise ConfigError(f"backbone {config.name!r} has invalid taps {backbone.taps}")
-    return backbone
 
 
 class Stream(nn.Module):
@@ -346,3 +255,20 @@ def _mix_one(w: torch.Tensor, j: int, ys: torch.Tensor) -> torch.Tensor:
     if wj.ndim == 1:
         return torch.tensordot(wj, ys, dims=1)
     return torch.einsum("bk,kb...->b...", wj, ys)
+
+
+__all__ = [
+    "BACKBONES",
+    "AnchorNet",
+    "BNDeltas",
+    "Backbone",
+    "ConvBNAct",
+    "Stream",
+    "TaskHead",
+    "batchnorm_layout",
+    "build_backbone",
+    "check_image",
+    "fold_batchnorm_",
+    "register_backbone",
+    "unit_normals",
+]

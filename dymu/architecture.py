@@ -1,4 +1,4 @@
-"""The tree-structured architecture: which parent each node reads (paper §3.2, DESIGN.md §1).
+"""The tree-structured architecture: which parent each node reads (paper §3.2; docs/design.md §2).
 
 Layers are 0-based in code: layer 0 reads the image, layer ``L-1`` feeds the heads.
 ``parents[b][j]`` is the stream whose layer-``b`` output node ``(b+1, j)`` reads, for

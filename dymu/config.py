@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 #: segmentation: C-class logits per pixel; depth: 1 channel; normals: 3 channels, unit-normalized;
 #: binary: 1 logit per pixel (saliency, edges); classification: K logits per image.
@@ -47,13 +54,43 @@ class TaskSpec(BaseModel):
         return self.kind != "classification"
 
 
+#: The only format of pretrained weights dymu reads (no pickle: loading one runs its code).
+PRETRAINED_SUFFIX = ".safetensors"
+
+
 class BackboneConfig(BaseModel):
-    """A backbone chosen by name from :data:`dymu.anchor.BACKBONES`, with its options."""
+    """A backbone chosen by name from :data:`dymu.backbones.BACKBONES`, with its options.
+
+    ``init`` names a safetensors file of ImageNet-pretrained encoder weights in torchvision's or
+    timm's key names, loaded into every stream's encoder before training (stage 0) by
+    :func:`dymu.backbones.pretrained.load_encoder`; building a model never reads it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "small_resnet"
     options: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = Field(
+        default=None, description="PATH.safetensors: pretrained encoder for every stream"
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _safetensors_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(PRETRAINED_SUFFIX):
+            raise ValueError(
+                f"must name a {PRETRAINED_SUFFIX} file (pickle checkpoints are not read), got {v!r}"
+            )
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unset_init(self, handler: Any) -> dict[str, Any]:
+        # Configs without ``init`` dump exactly as before it existed: the manifests, checkpoints
+        # and run records written earlier still compare equal.
+        data = handler(self)
+        if data.get("init") is None:
+            data.pop("init", None)
+        return data
 
 
 class HypernetConfig(BaseModel):

@@ -1,4 +1,4 @@
-"""Analytic compute cost of a tree: FLOPs and active params (DESIGN.md §1, §3).
+"""Analytic compute cost of a tree: FLOPs and active params (docs/design.md §3).
 
 Convention, everywhere a FLOP figure appears in dymu: **one multiply-add = 2 FLOPs**, counted for
 convolutions and linear layers only, per image (batch 1), without bias additions. This is what

@@ -7,6 +7,9 @@ service maps them to HTTP status codes in one place and the CLI prints them as o
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
 
 class DymuError(Exception):
     """Base class of every error dymu raises on purpose."""
@@ -34,3 +37,21 @@ class ArchitectureError(DymuError, ValueError):
 
 class ArtifactError(DymuError):
     """A model artifact that is missing, incomplete, tampered with or of an unknown format."""
+
+
+def validation_message(
+    errors: Sequence[Mapping[str, Any]],
+    limit: int = 1,
+    skip: Collection[str] = (),
+    root: str = "value",
+) -> str:
+    """The first ``limit`` errors of a pydantic validation as ``"loc.path: message; ..."``.
+
+    ``errors`` is ``exc.errors()`` of a pydantic ``ValidationError`` (or of FastAPI's request
+    validation); location parts in ``skip`` are left out, and an empty location reads ``root``.
+    """
+    parts = []
+    for err in errors[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in skip) or root
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

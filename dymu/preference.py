@@ -1,7 +1,9 @@
-"""Validation and normalization of a user preference (r, c) and of a task subset.
+"""Validation, normalization and sampling of a user preference (r, c) and of a task subset.
 
 This is the one place that decides what a valid preference is; the training code, the service
-and the CLI all call :func:`normalize_preference` and :func:`resolve_tasks`.
+and the CLI all call :func:`normalize_preference` and :func:`resolve_tasks`. It is also the one
+sampler of preferences (:func:`sample_preference`, :func:`sample_preferences`): training,
+evaluation, the baselines and the benchmarks all draw r from the Dirichlet here.
 
 * ``r`` is task importance. Any non-negative vector with a positive, finite sum is accepted and
   normalized onto the simplex; a mapping ``{task: weight}`` counts missing tasks as 0.
@@ -17,10 +19,13 @@ from typing import Any
 
 import torch
 
-from .errors import PreferenceError, TaskError
+from .errors import DymuError, PreferenceError, TaskError
 
 #: Decimal places kept by :meth:`Preference.key`; preferences closer than this share a cache key.
 KEY_DECIMALS = 6
+#: Dirichlet concentration of r in training (paper App. G: eta = 0.2): most draws favour one or
+#: two tasks, so the hypernets see the corners of the simplex as well as its middle.
+TRAINING_ETA = 0.2
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,25 @@ class Preference:
         return {"r": list(self.r), "c": self.c}
 
 
+def check_task_names(
+    names: Iterable[str],
+    model_tasks: Sequence[str],
+    error: type[DymuError] = TaskError,
+    prefix: str = "",
+) -> None:
+    """Raise ``error`` naming every name of ``names`` that is not one of ``model_tasks``.
+
+    The one check of task names (a task subset, the keys of ``r`` as a mapping, a shared
+    network's tasks), so every caller says the same thing.
+    """
+    unknown = [t for t in names if t not in model_tasks]
+    if unknown:
+        raise error(f"{prefix}unknown task(s) {unknown}; the model's tasks are {list(model_tasks)}")
+
+
 def _as_floats(r: Any, tasks: Sequence[str]) -> list[float]:
     if isinstance(r, Mapping):
-        unknown = [k for k in r if k not in tasks]
-        if unknown:
-            raise PreferenceError(
-                f"r names unknown task(s) {unknown}; the model's tasks are {list(tasks)}"
-            )
+        check_task_names(r, tasks, PreferenceError, prefix="r names ")
         return [_as_float(r.get(t, 0.0), f"r[{t!r}]") for t in tasks]
     if isinstance(r, torch.Tensor):
         r = r.detach().cpu().reshape(-1).tolist() if r.ndim <= 1 else r
@@ -146,9 +163,73 @@ def resolve_tasks(tasks: Iterable[str] | str | None, model_tasks: Sequence[str])
     names = list(tasks)
     if not names:
         raise TaskError("the task subset is empty; name at least one task or pass None for all")
-    unknown = [t for t in names if t not in model_tasks]
-    if unknown:
-        raise TaskError(f"unknown task(s) {unknown}; the model's tasks are {list(model_tasks)}")
+    check_task_names(names, model_tasks)
     if len(set(names)) != len(names):
         raise TaskError(f"duplicate task(s) in {names}")
     return tuple(sorted(model_tasks.index(t) for t in names))
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def standard_gamma(
+    concentration: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gamma(concentration, 1) draws, from ``generator`` (a CPU generator) when given.
+
+    torch's public Gamma sampler (:class:`torch.distributions.Gamma`) takes no generator: it
+    draws from the global one. So the draw is made there, from a copy of ``generator``'s state,
+    and the advanced state is handed back: the numbers are exactly those ``generator`` itself
+    would give, and the global generator is left as it was (:func:`torch.random.fork_rng`).
+    Not for concurrent use with other users of the global CPU generator in other threads.
+    """
+    rate = torch.ones((), dtype=concentration.dtype)
+    if generator is None:
+        return torch.distributions.Gamma(concentration, rate).sample()
+    if generator.device.type != "cpu":
+        raise ValueError(f"standard_gamma needs a CPU generator, got one on {generator.device}")
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        draw = torch.distributions.Gamma(concentration, rate).sample()
+        generator.set_state(torch.get_rng_state())
+    return draw
+
+
+def sample_simplex(
+    n_tasks: int,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    count: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """r ~ Dir(eta * 1_N): shape (N,), or (count, N) for ``count`` independent draws.
+
+    Normalized Gamma(eta, 1) draws. eta = 1 is uniform on the simplex (evaluation, the static
+    baselines); eta = :data:`TRAINING_ETA` is the training distribution (paper App. G).
+    """
+    shape = (n_tasks,) if count is None else (count, n_tasks)
+    gamma = standard_gamma(torch.full(shape, float(eta), dtype=dtype), generator)
+    total = gamma.sum(-1, keepdim=True)
+    # Every draw is at least the smallest normal float, so the sum is positive; the guard keeps
+    # a degenerate row on the simplex all the same.
+    return torch.where(total > 0, gamma / total, torch.full_like(gamma, 1.0 / n_tasks))
+
+
+def sample_preference(
+    n_tasks: int, eta: float = TRAINING_ETA, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training preference: r ~ Dir(eta * 1_N), then c ~ U(0, 1) (paper §3.3, App. G).
+
+    r and c are drawn from ``generator`` in that order, so a step seeded alike draws alike.
+    """
+    r = sample_simplex(n_tasks, eta, generator)
+    return r, torch.rand((), generator=generator)
+
+
+def sample_preferences(
+    n_tasks: int, count: int, seed: int, *, eta: float = 1.0, c: float | None = None
+) -> list[tuple[list[float], float]]:
+    """``count`` preferences from ``seed``: r ~ Dir(eta) (uniform on the simplex by default),
+    c ~ U(0, 1), or ``c`` for every one of them when given."""
+    g = torch.Generator().manual_seed(seed)
+    r = sample_simplex(n_tasks, eta, g, count=count)
+    cs = torch.rand(count, generator=g) if c is None else torch.full((count,), float(c))
+    return [(row.tolist(), float(ci)) for row, ci in zip(r, cs, strict=True)]

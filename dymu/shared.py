@@ -18,8 +18,8 @@ from torch import nn
 from .anchor import AnchorNet, TaskHead, build_backbone, check_image, fold_batchnorm_
 from .config import ModelConfig
 from .cost import Cost, CostModel
-from .errors import TaskError
 from .materialize import clone_module
+from .preference import check_task_names
 
 
 class HardSharedNet(nn.Module):
@@ -33,9 +33,7 @@ class HardSharedNet(nn.Module):
         super().__init__()
         backbone = build_backbone(config.backbone, config.in_channels)
         wanted = config.task_names if tasks is None else tuple(tasks)
-        unknown = [t for t in wanted if t not in config.task_names]
-        if unknown:
-            raise TaskError(f"unknown task(s) {unknown}; the model's tasks: {config.task_names}")
+        check_task_names(wanted, config.task_names)
         self.config = config
         self.in_channels = config.in_channels
         self.taps = tuple(backbone.taps)
@@ -85,9 +83,7 @@ def shared_cost(
 ) -> Cost:
     """Cost of the hard-shared network of ``config`` with the heads of ``tasks`` (all: None)."""
     names = config.task_names if tasks is None else tuple(tasks)
-    unknown = [t for t in names if t not in config.task_names]
-    if unknown:
-        raise TaskError(f"unknown task(s) {unknown}; the model's tasks: {config.task_names}")
+    check_task_names(names, config.task_names)
     streams = [config.task_names.index(t) for t in names]
     return _cost_model(config.model_dump_json()).hard_shared_cost(input_hw, streams)
 

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .device import resolve_device
-from .errors import ArtifactError
+from .errors import ArtifactError, validation_message
 from .model import ControllableModel, describe
 
 FORMAT = "dymu-artifact"
@@ -94,10 +94,8 @@ def config_from_manifest(manifest: Mapping[str, Any], where: Path) -> ModelConfi
             {k: manifest[k] for k in ModelConfig.model_fields if k in manifest}
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
         raise ArtifactError(
-            f"{where} has an invalid model config: "
-            f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+            f"{where} has an invalid model config: {validation_message(exc.errors())}"
         ) from exc
 
 
@@ -210,7 +208,7 @@ def save(
     """Write ``model`` as a new version under ``store_dir`` (``model_store/<name>``), atomically.
 
     ``version`` defaults to the next ``v<n>``. ``task_affinity`` is the N x N RSA affinity
-    (DESIGN.md §2); ``training`` records the command, data seed, wall time, etc.
+    (paper App. D; docs/design.md §4); ``training`` records the command, data seed, wall time, etc.
     ``input_normalization`` = ``{"mean": [...], "std": [...]}`` of [0, 1] pixels, per input
     channel: how images must be normalized before the model sees them. Returns the version
     directory.

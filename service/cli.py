@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dymu.errors import DymuError
+from dymu.errors import DymuError, validation_message
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,9 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise DymuError(f"bad setting {loc}: {first['msg']}") from exc
+        raise DymuError(f"bad setting {validation_message(exc.errors())}") from exc
     # Fail fast on a missing artifact (the full checksum verification runs at start-up).
     from dymu.store import resolve
 

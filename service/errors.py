@@ -24,6 +24,7 @@ from dymu.errors import (
     InputError,
     PreferenceError,
     TaskError,
+    validation_message,
 )
 
 log = logging.getLogger("dymu.service")
@@ -149,11 +150,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+    return validation_message(exc.errors(), 5, skip=("body",), root="body") or "invalid request"
 
 
 def install(app: FastAPI) -> None:

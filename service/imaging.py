@@ -22,26 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dymu.normalization import DATASET_NORMALIZATION, IMAGENET
+
 from .errors import BadImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 # Our own pixel limit is checked before decoding; PIL's global bomb check would only warn.
 Image.MAX_IMAGE_PIXELS = None
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
-
-#: Input normalization of the datasets dymu trains on: (mean, std) of [0, 1] RGB, keyed by the
-#: dataset name the manifest's training record holds (``training.data.name``). Artifacts written
-#: by ``dymu train`` record their normalization (``input_normalization``); this table serves
-#: older artifacts that do not (a test checks it against ``training.data``).
-#: ``DYMU_INPUT_MEAN`` / ``DYMU_INPUT_STD`` override both.
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "scenes": ((0.323, 0.322, 0.322), (0.183, 0.181, 0.180)),
-    "multidigits": ((0.25, 0.25, 0.25), (0.33, 0.33, 0.33)),
-    "cifar100-20": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "nyuv2": IMAGENET,
-    "pascal-context": IMAGENET,
-}
 
 
 def normalization_for(

@@ -23,7 +23,7 @@ from training.baselines import (
     train_baseline,
 )
 from training.config import load_config
-from training.pipeline import split_dataset
+from training.data import split_dataset
 
 R = [0.2, 0.5, 0.3]
 

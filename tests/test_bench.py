@@ -222,3 +222,26 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
     assert bench_main(["--tiny", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dymu: error: ") and err.count("\n") == 1 and message in err
+
+
+def _registered_cases() -> list[str]:
+    import benchmarks.cases  # noqa: F401  (registers the built-in cases)
+    from benchmarks.registry import CASES as REGISTERED
+
+    return sorted(REGISTERED)
+
+
+@pytest.mark.parametrize("name", _registered_cases())
+def test_every_registered_case_runs_and_renders(tiny_run, name):
+    """The sweep over the case registry: a new case is run by the tiny bench the day it is
+    registered, and must succeed, give a JSON result and render its summary section."""
+    from benchmarks.registry import CASES as REGISTERED
+
+    report, _, _ = tiny_run
+    record = report["cases"][name]
+    assert record["status"] == "ok", record.get("traceback")
+    result = record["result"]
+    assert isinstance(result, dict) and result
+    text = REGISTERED[name].markdown(result)
+    assert isinstance(text, str) and text.strip()
+    assert set(_registered_cases()) == set(CASES), "add the new case to CASES"

@@ -1,10 +1,12 @@
-"""Every term of the edge hypernet's regularizer against hand-computed values (DESIGN.md §2)."""
+"""Every term of the edge hypernet's regularizer against hand-computed values (paper Eq. 3, 5,
+6, 9; docs/design.md §7)."""
 
 import math
 
 import pytest
 import torch
 
+from dymu.preference import sample_preference
 from training.branching import (
     RegularizerSwitches,
     active_loss,
@@ -15,7 +17,6 @@ from training.branching import (
     merge_probability,
     path_active_loss,
     path_inactive_loss,
-    sample_preference,
     task_affinity,
     task_dichotomy,
     usage_probability,

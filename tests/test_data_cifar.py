@@ -11,50 +11,12 @@ import torch
 from training.data import DatasetError, build_dataset, dataset_tasks
 from training.data.cifar import CIFAR100_MEAN, CIFAR100_STD
 
-COARSE_NAMES = [f"super_{k}" for k in range(19)] + ["vehicles 2"]
-
-
-def _coarse_of_fine() -> np.ndarray:
-    """A grouping of the 100 fine classes into 20 coarse ones (not simply fine // 5)."""
-    perm = np.random.default_rng(1).permutation(100)
-    coarse = np.empty(100, np.int64)
-    coarse[perm] = np.arange(100) // 5
-    return coarse
-
-
-def _write(path, fine, coarse_of, rng):
-    data = rng.integers(0, 256, size=(len(fine), 3072), dtype=np.uint8)
-    d = {
-        b"filenames": [f"img{i}.png".encode() for i in range(len(fine))],
-        b"batch_label": b"fixture",
-        b"fine_labels": [int(f) for f in fine],
-        b"coarse_labels": [int(coarse_of[f]) for f in fine],
-        b"data": data,
-    }
-    with open(path, "wb") as f:
-        pickle.dump(d, f)
-    return data
+from .data_fixtures import COARSE_NAMES, write_cifar
 
 
 @pytest.fixture
 def cifar_root(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    coarse_of = _coarse_of_fine()
-    train_fine = np.concatenate([np.arange(100), rng.integers(0, 100, 20)])
-    test_fine = rng.integers(0, 100, 12)
-    train = _write(folder / "train", train_fine, coarse_of, rng)
-    _write(folder / "test", test_fine, coarse_of, rng)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump(
-            {
-                b"fine_label_names": [f"fine{k}".encode() for k in range(100)],
-                b"coarse_label_names": [n.encode() for n in COARSE_NAMES],
-            },
-            f,
-        )
-    return tmp_path, coarse_of, train_fine, test_fine, train
+    return write_cifar(tmp_path)
 
 
 def test_twenty_five_way_tasks(cifar_root):

@@ -21,33 +21,12 @@ from training.data import (
 )
 from training.data.scenes import SCENE_CLASSES
 
-
-def _write_nyu_fixture(root, split="train", n=3, hw=(16, 16), seed=0):
-    rng = np.random.default_rng(seed)
-    h, w = hw
-    d = root / split
-    for f in ("image", "label", "depth", "normal"):
-        (d / f).mkdir(parents=True)
-    truth = []
-    for i in range(n):
-        image = rng.random((h, w, 3))  # float64 in [0, 1], as MTAN stores it
-        label = rng.integers(-1, 13, size=(h, w)).astype(np.float64)
-        depth = rng.uniform(0.5, 9.0, size=(h, w, 1)).astype(np.float32)
-        depth[0, :3] = 0.0
-        depth[1, 0] = np.nan
-        normal = rng.normal(size=(h, w, 3)).astype(np.float32) * 2.0  # not unit on disk
-        normal[2, :4] = 0.0
-        np.save(d / "image" / f"{i}.npy", image)
-        np.save(d / "label" / f"{i}.npy", label)
-        np.save(d / "depth" / f"{i}.npy", depth)
-        np.save(d / "normal" / f"{i}.npy", normal)
-        truth.append((image, label, depth, normal))
-    return truth
+from .data_fixtures import write_nyuv2
 
 
 def test_nyuv2_fixture_in_the_real_layout(tmp_path):
-    truth = _write_nyu_fixture(tmp_path, "train")
-    _write_nyu_fixture(tmp_path, "val", n=2, seed=1)
+    truth = write_nyuv2(tmp_path, "train")
+    write_nyuv2(tmp_path, "val", n=2, seed=1)
     ds = build_dataset("nyuv2", "train", root=tmp_path)
     assert len(ds) == 3
     assert [(t.name, t.kind, t.classes, t.loss_scale) for t in ds.tasks] == [
@@ -95,7 +74,7 @@ def test_missing_nyuv2_names_the_expected_layout(tmp_path):
         assert "image/<i>.npy" in msg and "label" in msg and "depth" in msg and "normal" in msg
         assert "\n" not in msg
         assert isinstance(err.value, DymuError) and isinstance(err.value, ValueError)
-    _write_nyu_fixture(tmp_path, "train")
+    write_nyuv2(tmp_path, "train")
     for f in (tmp_path / "train" / "normal").glob("*.npy"):
         f.unlink()
         break

@@ -5,91 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from scipy.io import savemat
 
 from training.data import DatasetError, build_dataset, dataset_tasks
 from training.data.pascal import label_edges
 
-H, W = 20, 24
-IDS = ("2008_000002", "2008_000003")
+from .data_fixtures import PASCAL_HW, PASCAL_IDS, write_pascal
 
-
-def _parts_mat(path, objects):
-    """A Pascal-Part annotation: anno.imname, anno.objects(class, class_ind, mask, parts)."""
-    obj_dt = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
-    part_dt = [("part_name", "O"), ("mask", "O")]
-    objs = np.zeros((1, len(objects)), dtype=obj_dt)
-    for k, (cls, ind, mask, parts) in enumerate(objects):
-        p = np.zeros((1, len(parts)), dtype=part_dt) if parts else np.zeros((0, 0))
-        for j, (name, pmask) in enumerate(parts):
-            p[0, j]["part_name"] = name
-            p[0, j]["mask"] = pmask.astype(np.uint8)
-        objs[0, k]["class"] = cls
-        objs[0, k]["class_ind"] = np.array([[ind]], dtype=np.uint8)
-        objs[0, k]["mask"] = mask.astype(np.uint8)
-        objs[0, k]["parts"] = p
-    savemat(path, {"anno": {"imname": path.stem, "objects": objs}})
+H, W = PASCAL_HW
+IDS = PASCAL_IDS
 
 
 @pytest.fixture
 def pascal_root(tmp_path):
-    root = tmp_path / "PASCAL_MT"
-    for d in (
-        "JPEGImages",
-        "ImageSets/Context",
-        "semseg/pascal-context",
-        "human_parts",
-        "sal_distill",
-        "normals_distill",
-        "pascal-context/trainval",
-    ):
-        (root / d).mkdir(parents=True)
-    (root / "ImageSets/Context/train.txt").write_text("\n".join(IDS) + "\n")
-    (root / "ImageSets/Context/val.txt").write_text(IDS[1] + "\n")
-    rng = np.random.default_rng(0)
-    for k, i in enumerate(IDS):
-        img = (rng.random((H, W, 3)) * 255).astype(np.uint8)
-        Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
-        sem = np.zeros((H, W), np.uint8)
-        sem[5:15, 4:12] = 15  # person
-        sem[0, :] = 255
-        sem[1, 0] = 40  # out of range -> ignore
-        Image.fromarray(sem).save(root / "semseg/pascal-context" / f"{i}.png")
-        sal = np.zeros((H, W), np.uint8)
-        sal[5:15, 4:12] = 230
-        sal[5, 4] = 100  # below 0.5 -> 0
-        Image.fromarray(sal).save(root / "sal_distill" / f"{i}.png")
-        nrm = np.full((H, W, 3), 128, np.uint8)
-        nrm[..., 2] = 255
-        Image.fromarray(nrm).save(root / "normals_distill" / f"{i}.png")
-        lab = np.full((H, W), 1, np.uint16)  # 'accordion': not an NYU class -> normals invalid
-        lab[:, W // 2 :] = 440  # 'wall': an NYU class -> normals valid
-        savemat(root / "pascal-context/trainval" / f"{i}.mat", {"LabelMap": lab})
-        if k == 0:
-            person = np.zeros((H, W), bool)
-            person[5:15, 4:12] = True
-            head = np.zeros((H, W), bool)
-            head[5:8, 6:10] = True
-            torso = np.zeros((H, W), bool)
-            torso[8:12, 5:11] = True
-            lfoot = np.zeros((H, W), bool)
-            lfoot[14, 5] = True
-            car = np.zeros((H, W), bool)
-            car[16:19, 14:20] = True
-            _parts_mat(
-                root / "human_parts" / f"{i}.mat",
-                [
-                    ("person", 15, person, [("head", head), ("torso", torso), ("lfoot", lfoot)]),
-                    ("car", 7, car, []),
-                ],
-            )
-        else:  # the preprocessed PNG alternative
-            parts = np.zeros((H, W), np.uint8)
-            parts[6:9, 5:9] = 3
-            parts[19, 23] = 255
-            Image.fromarray(parts).save(root / "human_parts" / f"{i}.png")
-    return root
+    return write_pascal(tmp_path)
 
 
 def test_three_tasks_shapes_kinds_and_values(pascal_root):

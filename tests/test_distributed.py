@@ -21,8 +21,10 @@ import torch
 import dymu
 from dymu.errors import ConfigError
 from training.config import load_config
+from training.data import collate, split_dataset
 from training.distributed import Distributed
-from training.pipeline import StepBatches, build_model, collate, run_training, split_dataset
+from training.pipeline import build_model, run_training
+from training.run import StepBatches
 from training.tasks import weighted_task_loss
 
 pytestmark = pytest.mark.scale

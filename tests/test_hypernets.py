@@ -1,4 +1,4 @@
-"""Hypernets as DESIGN.md §2 specifies them."""
+"""Hypernets as docs/design.md §1 specifies them (paper App. G)."""
 
 import torch
 

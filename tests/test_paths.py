@@ -8,7 +8,7 @@ from dymu.architecture import Architecture
 from dymu.hypernets import EdgeHypernet
 from training.branching import RegularizerSwitches, branching_regularizer
 from training.config import load_config
-from training.data import build_dataset
+from training.data import build_dataset, collate
 from training.paths import (
     all_paths,
     batched_regularizer,
@@ -17,7 +17,8 @@ from training.paths import (
     path_losses,
     path_probabilities,
 )
-from training.pipeline import branched_init_, collate, model_config, run_training
+from training.pipeline import model_config, run_training
+from training.stages import branched_init_
 from training.tasks import task_loss
 
 

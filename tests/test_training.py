@@ -266,7 +266,7 @@ def test_dymu_train_cli(tmp_path):
 
 
 def test_checks_record_the_resource_shape_and_the_shared_trees(tiny_run):
-    from training.evaluate import evaluate, uniform_and_one_hot
+    from training.evaluation.checks import evaluate, uniform_and_one_hot
 
     vdir, _ = tiny_run
     model = dymu.load(vdir, device="cpu")
@@ -287,7 +287,7 @@ def test_checks_record_the_resource_shape_and_the_shared_trees(tiny_run):
         f"one-hot {i} c=0.0" for i in range(3)
     }
     # one entry recomputed from scratch on the held-out split the checks used
-    from training.pipeline import split_dataset
+    from training.data import split_dataset
 
     data = split_dataset(load_config("scenes-tiny"), held_out=True)
     tasks = model.config.tasks

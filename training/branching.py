@@ -1,5 +1,5 @@
 """The edge hypernet's training signal: preference sampling, P_use, the branching regularizer,
-and the RSA task affinity (paper §3.3.1, App. D, E; DESIGN.md §2).
+and the RSA task affinity (paper §3.3.1, App. D, E; docs/design.md §4, §7).
 
 Shapes: ``probs`` is a list of L-1 tensors (N, N) — ``probs[b][k, i]`` is the probability that
 child node ``(b+1, k)`` picks parent ``(b, i)`` (softmax of the edge hypernet's logits; layers
@@ -24,14 +24,14 @@ class RegularizerSwitches:
     dichotomy: bool = True
 
 
-def sample_preference(
-    n_tasks: int, eta: float = 0.2, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """r ~ Dir(eta * 1_N), c ~ U(0, 1) (DESIGN.md §2, Stage 1)."""
-    gamma = torch._standard_gamma(torch.full((n_tasks,), float(eta)), generator=generator)
-    r = gamma / gamma.sum() if gamma.sum() > 0 else torch.full((n_tasks,), 1.0 / n_tasks)
-    c = torch.rand((), generator=generator)
-    return r, c
+#: tau = ACTIVE_SHARE / N: a task is active when its preference is at least ACTIVE_SHARE times the
+#: uniform preference 1 / N (docs/design.md, "The branching regularizer").
+ACTIVE_SHARE = 0.6
+
+
+def default_tau(n_tasks: int) -> float:
+    """The threshold of the task dichotomy when ``[edge] tau`` is unset: 0.6 / N."""
+    return ACTIVE_SHARE / n_tasks
 
 
 def gumbel_temperature(
@@ -98,7 +98,7 @@ def active_loss(
     """L_active = sum_l sum_{i!=j in A} (L-l)/L A(i,j) P_use(l,i) P_use(l,j) ||nu_i^l - nu_j^l||^2.
 
     Pulls the parent distributions of similar active tasks together (sharing) where both
-    children are likely to exist. The usage factor uses the *children's* P_use (DESIGN.md §2).
+    children are likely to exist. The usage factor uses the *children's* P_use (docs/design.md §7).
     """
     n_layers = len(probs) + 1
     idx = torch.tensor(sorted(active), dtype=torch.long)
@@ -211,9 +211,9 @@ def branching_regularizer(
     switches: RegularizerSwitches = RegularizerSwitches(),
     reading: str = "path",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Omega(r, c) = c * lambda_A * L_active + lambda_I * L_inactive (DESIGN.md §2).
+    """Omega(r, c) = c * lambda_A * L_active + lambda_I * L_inactive (paper Eq. 6).
 
-    ``reading`` = "path" (default) follows each task's path; "stream" is DESIGN.md's literal
+    ``reading`` = "path" (default) follows each task's path; "stream" is the paper's literal
     stream-indexed form with the children's P_use.
     """
     active, inactive = task_dichotomy(r, tau, switches.dichotomy)

@@ -1,6 +1,6 @@
 """Training configuration: TOML files under training/configs/, validated with pydantic.
 
-Every value has a default from the paper (App. G) or DESIGN.md §2; a config file names what
+Every value has a default from the paper (App. G) or docs/design.md §4; a config file names what
 differs. Schedules given in the paper in steps of its 30k-step budget (learning-rate decay every
 14k, temperature decay every 300) scale with a stage's step budget unless set explicitly.
 """
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dymu.config import BackboneConfig, HypernetConfig
-from dymu.errors import ConfigError
+from dymu.errors import ConfigError, validation_message
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PAPER_STEPS = 30_000
@@ -113,7 +113,7 @@ class EdgeStage(HypernetStage):
     regularizer: Literal["path", "stream"] = Field(
         default="path",
         description="read L_active / L_inactive along each task's path (default) or by stream "
-        "index as DESIGN.md writes it (docs/training.md, 'The branching regularizer')",
+        "index as the paper's Eq. 3 and 5 write it (docs/design.md §7)",
     )
     estimator: Literal["gumbel", "paths"] = Field(
         default="gumbel",
@@ -270,5 +270,4 @@ def load_config(name_or_path: str | Path) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise ConfigError(f"{path}: {validation_message(exc.errors())}") from exc

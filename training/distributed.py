@@ -6,7 +6,7 @@ process group (gloo on CPU, nccl on CUDA). Without those variables everything he
 and training runs in one process, as by default.
 
 Seed semantics are kept: step ``s`` of a stage draws the *same* global batch indices as a
-single-process run (``pipeline.step_generator``); rank k takes the k-th contiguous shard of
+single-process run (``run.step_generator``); rank k takes the k-th contiguous shard of
 them (:meth:`Distributed.shard`), so the config's ``batch_size`` is the global batch. The
 preference and the Gumbel noise of a step come from the same per-step generator, so every rank
 draws the same ones. DDP averages the gradients, which equals the single-process gradient of

@@ -1,4 +1,4 @@
-"""Task losses and evaluation metrics (DESIGN.md §2 loss, §3 metrics).
+"""Task losses and evaluation metrics (docs/design.md §4 loss, §5 metrics).
 
 Targets, as the datasets produce them (batched):
 

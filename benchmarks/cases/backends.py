@@ -16,7 +16,7 @@ import torch
 from dymu.materialize import clone_module
 
 from ..config import size_label
-from ..harness import Context, register_case
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import calibrate, interleave, median_s, paired_ratio, summarize
 from .switch import onnx_ok, served_preference

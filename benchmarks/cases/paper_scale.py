@@ -19,7 +19,7 @@ from dymu.architecture import Architecture
 from dymu.config import BackboneConfig, ModelConfig
 from dymu.cost import CostModel
 
-from ..harness import Context, register_case
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 

@@ -18,7 +18,6 @@ import torch
 from dymu.shared import HardSharedNet
 
 from ..config import size_label
-from ..harness import Context, register_case
 from ..nets import (
     Tree,
     argmax_trees,
@@ -26,6 +25,7 @@ from ..nets import (
     materialize,
     single_task_nets,
 )
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import calibrate, interleave, paired_ratio, summarize
 

@@ -15,8 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dymu.architecture import Architecture
 
-from ..harness import Context, register_case
 from ..nets import Tree, materialize, uniform_r
+from ..registry import Context, register_case
 from ..report import fmt, table
 
 CONV_OPS = (

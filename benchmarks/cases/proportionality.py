@@ -19,8 +19,8 @@ import torch
 from dymu.architecture import Architecture
 
 from ..config import size_label
-from ..harness import Context, register_case
 from ..nets import argmax_trees, distinct, hand_made_trees, materialize
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import calibrate, interleave, paired_ratio, summarize
 

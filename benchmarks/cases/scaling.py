@@ -2,9 +2,10 @@
 
 For N = 2, 3, 5, 10, 20 streams of the benchmarked model's backbone: anchor memory (weights and
 buffers), hypernet size (the paper's "Control Params"), switch time (``materialize`` of a new
-preference) and the time of one soft-forward training step of stage 1 (DESIGN.md §2: edge
-hypernet -> Gumbel-softmax nu -> all N x L nodes mixed -> sum r_i w_i L_i + Omega -> backward ->
-Adam) against one training step of a single stream (stage 0), timed in alternation.
+preference) and the time of one soft-forward training step of stage 1 (the pipeline's own
+:func:`training.stages.edge_loss`: edge hypernet -> Gumbel-softmax nu -> all N x L nodes mixed ->
+sum r_i w_i L_i + Omega -> backward -> Adam) against one training step of a single stream
+(stage 0), timed in alternation.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 
 import dymu
 from dymu.config import ModelConfig, TaskSpec
+from dymu.preference import sample_preferences
 
-from ..harness import Context, register_case
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
-from .switch import random_preferences
 
 KINDS = (
     TaskSpec(name="segmentation", kind="segmentation", classes=6),
@@ -49,30 +50,30 @@ def targets(tasks: tuple[TaskSpec, ...], batch: int, hw: tuple[int, int], g: tor
 
 
 def training_steps(model: dymu.ControllableModel, x: torch.Tensor, y: dict, seed: int):
-    """(stage-1 soft step, stage-0 one-stream step) as closures over real training code."""
-    from training.branching import branching_regularizer, gumbel_temperature, sample_preference
+    """(stage-1 soft step, stage-0 one-stream step) as closures over real training code.
+
+    The soft step is the pipeline's own (:func:`training.stages.edge_loss` with the default
+    ``[edge]`` options, no affinity) followed by Adam, as stage 1 runs it.
+    """
+    from training.config import EdgeStage
+    from training.stages import EdgeObjective, edge_loss
     from training.tasks import weighted_task_loss
 
-    n, tasks = model.n_tasks, model.config.tasks
+    tasks = model.config.tasks
     model.anchor.eval().requires_grad_(False)
     hyper = model.edge_hypernet.train().requires_grad_(True)
-    opt_edge = torch.optim.Adam(hyper.parameters(), lr=1e-3)
+    edge = EdgeStage()
+    opt_edge = torch.optim.Adam(hyper.parameters(), lr=edge.lr)
     stream = model.anchor.streams[0]
     opt_stream = torch.optim.Adam(stream.parameters(), lr=1e-3)
-    affinity = torch.ones(n, n)
+    objective = EdgeObjective.build(edge, tasks, None, x.device)
+    batch = {"image": x, **y}
     gen = torch.Generator().manual_seed(seed)
 
     def soft_step() -> None:
-        r, c = sample_preference(n, 0.2, gen)
-        logits = hyper(r, c)
-        nu = F.gumbel_softmax(logits, tau=gumbel_temperature(0), dim=-1)
-        out = model.anchor.forward_soft(x, list(nu))
-        loss, _ = weighted_task_loss(tasks, out, y, r)
-        omega, _ = branching_regularizer(
-            list(torch.softmax(logits, dim=-1)), r, c, affinity, 0.6 / n
-        )
+        loss, _ = edge_loss(hyper, model.anchor, objective, 0, batch, gen)
         opt_edge.zero_grad(set_to_none=True)
-        (loss + omega).backward()
+        loss.backward()
         opt_edge.step()
 
     def stream_step() -> None:
@@ -98,7 +99,7 @@ def measure_n(ctx: Context, n: int) -> dict[str, Any]:
         k: v.to(ctx.device)
         for k, v in targets(model.config.tasks, cfg.scaling_batch, hw, g).items()
     }
-    prefs = itertools.cycle(random_preferences(n, 32, cfg.seed))
+    prefs = itertools.cycle(sample_preferences(n, 32, cfg.seed))
 
     def switch() -> None:
         with torch.no_grad():

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..config import size_label
-from ..harness import ROOT, Context, register_case
+from ..registry import ROOT, Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 from .switch import served_preference

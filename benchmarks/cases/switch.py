@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dymu.preference import sample_preferences
+
 from ..config import size_label
-from ..harness import Context, register_case
 from ..nets import hand_made_trees, materialize
+from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 
@@ -41,8 +43,7 @@ def served_preference(n: int) -> tuple[list[float], float]:
 
 
 def random_preferences(n: int, count: int, seed: int) -> list[tuple[list[float], float]]:
-    rng = np.random.default_rng(seed)
-    return [(list(rng.dirichlet(np.ones(n))), float(rng.uniform())) for _ in range(count)]
+    return sample_preferences(n, count, seed)
 
 
 def onnx_ok() -> bool:

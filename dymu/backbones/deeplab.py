@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor import ConvBNAct
+from .base import ConvBNAct
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor import ConvBNAct
+from .base import ConvBNAct
 
 
 class LiteDecoder(nn.Module):

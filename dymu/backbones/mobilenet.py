@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..anchor import Backbone, ConvBNAct, register_backbone
 from ..config import TaskSpec
+from .base import Backbone, ConvBNAct, register_backbone
 from .deeplab import DeepLabV3PlusHead, default_rates
 from .heads import ClassifierHead
 from .resnet import GRANULARITIES

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor import Backbone, ConvBNAct, register_backbone
 from ..config import TaskSpec
+from .base import Backbone, ConvBNAct, register_backbone
 from .deeplab import DeepLabV3PlusHead, default_rates
 from .heads import ClassifierHead
 

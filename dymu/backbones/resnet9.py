@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor import Backbone, ConvBNAct, register_backbone
 from ..config import TaskSpec
+from .base import Backbone, ConvBNAct, register_backbone
 from .heads import ClassifierHead
 from .resnet import scaled
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..anchor import Backbone, ConvBNAct, register_backbone
 from ..config import TaskSpec
+from .base import Backbone, ConvBNAct, register_backbone
 from .heads import ClassifierHead, LiteDecoder
 from .resnet import BasicBlock
 

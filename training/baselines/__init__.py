@@ -1,4 +1,4 @@
-"""Baselines of the evaluation (paper §4.2; DESIGN.md §3), trained by the project's own loop.
+"""Baselines of the evaluation (paper §4.3; docs/design.md §5), trained by the project's own loop.
 
     from training.baselines import BASELINES, train_baseline, load_method, SingleTask
 

@@ -25,8 +25,10 @@ from typing import Any
 from dymu.errors import ArtifactError, ConfigError
 from dymu.store import list_versions, read_manifest, resolve
 
+from ..checkpoint import CHECKPOINT_META
 from ..config import TrainConfig
-from ..pipeline import CHECKPOINT_META, run_training, split_dataset
+from ..data import split_dataset
+from ..pipeline import run_training
 from .methods import BASELINES
 from .store import _read_manifest, load_method
 from .train import train_baseline

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import dymu
 from dymu.device import resolve_device
-from dymu.errors import ArtifactError
+from dymu.errors import ArtifactError, validation_message
 from dymu.model import describe
 from dymu.shared import shared_cost
 from dymu.store import (
@@ -154,10 +154,9 @@ def _load_baseline(directory: Path, manifest: dict[str, Any], device: torch.devi
     try:
         options = GeneratorOptions.model_validate(manifest.get("options", {}))
     except ValidationError as exc:
-        first = exc.errors()[0]
         raise ArtifactError(
             f"{directory / MANIFEST} has invalid generator options: "
-            f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+            f"{validation_message(exc.errors())}"
         ) from exc
     cls = BASELINES[kind]
     model = cls(config, options, r=manifest.get("r")) if cls is StaticMTL else cls(config, options)

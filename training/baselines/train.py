@@ -1,9 +1,9 @@
 """Training of the baselines with the pipeline's own loop, data, losses and batches.
 
-Every baseline is trained by :func:`training.pipeline._train` (Adam, progress bar, CSV log) on
+Every baseline is trained by :func:`training.loop.train_stage` (Adam, progress bar, CSV log) on
 the config's training split, with the loss of dymu's hypernet stages,
 ``sum_i r_i w_i L_i`` (:func:`training.tasks.weighted_task_loss`): the dynamic baselines draw
-``r ~ Dir(eta)`` per step (:func:`training.branching.sample_preference`, as dymu), a static
+``r ~ Dir(eta)`` per step (:func:`dymu.preference.sample_preference`, as dymu), a static
 network keeps its fixed ``r_k``. All baselines see the same batches (one random stream).
 """
 
@@ -18,14 +18,19 @@ from typing import Any
 
 import torch
 
+from dymu.backbones import build_backbone
+from dymu.backbones.pretrained import load_encoder
 from dymu.device import resolve_device
 from dymu.errors import ArtifactError, ConfigError
+from dymu.preference import sample_preference, sample_simplex
 
-from ..branching import sample_preference
 from ..config import HypernetStage, TrainConfig
-from ..pipeline import LOG, Run, _task_stats, _train, model_config, split_dataset, step_generator
+from ..data import split_dataset
+from ..loop import task_stats, train_stage
+from ..pipeline import model_config
+from ..run import LOG, Run, step_generator
 from ..tasks import weighted_task_loss
-from .methods import BASELINES, Baseline, GeneratorOptions, StaticMTL
+from .methods import BASELINES, PHN, Baseline, GeneratorOptions, StaticMTL
 from .store import MANIFEST, _read_manifest, load_method, save_baseline, save_static_set
 
 
@@ -42,8 +47,21 @@ def generator_options(config: TrainConfig) -> GeneratorOptions:
 def static_preferences(n_tasks: int, count: int, seed: int) -> list[tuple[float, ...]]:
     """The K fixed preferences: uniform on the simplex (Dir(1)), as in the paper's Fig. 6."""
     g = torch.Generator().manual_seed(seed)
-    r = torch._standard_gamma(torch.ones(count, n_tasks, dtype=torch.float64), generator=g)
-    return [tuple(row.tolist()) for row in r / r.sum(1, keepdim=True)]
+    r = sample_simplex(n_tasks, 1.0, g, count=count, dtype=torch.float64)
+    return [tuple(row.tolist()) for row in r]
+
+
+def init_encoder(model: Baseline) -> Baseline:
+    """The shared encoder from ``[backbone] init`` when the config names one, as dymu's streams.
+
+    PHN generates every weight of its network, so a pretrained encoder has nothing to start
+    from there; the other baselines train the encoder's own weights and start from the file.
+    """
+    path = model.config.backbone.init
+    if path and not isinstance(model, PHN):
+        backbone = build_backbone(model.config.backbone, model.config.in_channels)
+        load_encoder(backbone, [model.net.blocks], path)
+    return model
 
 
 def _fit(
@@ -73,13 +91,13 @@ def _fit(
         with run.autocast():
             out = net(batch["image"], r)
         total, per_task = weighted_task_loss(run.tasks, out, batch, r)
-        return total, _task_stats(per_task)
+        return total, task_stats(per_task)
 
     weight_decay = config.baselines.weight_decay
     if weight_decay is None:
         weight_decay = config.anchor.weight_decay
     t0 = time.perf_counter()
-    _train(
+    train_stage(
         run,
         desc,
         model,
@@ -151,7 +169,7 @@ def train_baseline(
         if out.exists():
             raise ArtifactError(f"{out} already exists; remove it or choose another directory")
         torch.manual_seed(cfg.seed)
-        model = BASELINES[name](mcfg, options).to(dev)
+        model = init_encoder(BASELINES[name](mcfg, options)).to(dev)
         work = out.parent / f".work-{out.name}"
         seconds = _fit(model, cfg, dataset, dev, budget, work, name, progress)
         record = _record(cfg, budget, seconds, dev, command)
@@ -173,7 +191,7 @@ def train_baseline(
         if member_dir.exists():
             shutil.rmtree(member_dir)
         torch.manual_seed(cfg.seed)
-        model = StaticMTL(mcfg, options, r=r).to(dev)
+        model = init_encoder(StaticMTL(mcfg, options, r=r)).to(dev)
         work = out / f".work-k{k}"
         model.train_seconds = _fit(model, cfg, dataset, dev, budget, work, f"static k{k}", progress)
         record = _record(cfg, budget, model.train_seconds, dev, command)

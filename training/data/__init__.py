@@ -1,4 +1,4 @@
-"""dymu's benchmarks (DESIGN.md §4), all returning :class:`MultiTaskDataset` samples.
+"""dymu's benchmarks (docs/design.md §6), all returning :class:`MultiTaskDataset` samples.
 
 ============== ========================================= ======================================
 name           tasks (loss scale, App. G)                data
@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from dymu.config import TaskSpec
+from dymu.errors import ConfigError
 
+from ..config import TrainConfig
 from . import cifar, multidigits, npy_split, nyuv2, pascal, scenes
 from .base import (
     IMAGENET_MEAN,
@@ -37,6 +39,7 @@ from .base import (
     ArrayDataset,
     DatasetError,
     MultiTaskDataset,
+    collate,
     resize_sample,
     to_sample,
 )
@@ -160,6 +163,18 @@ def dataset_tasks(
     return entry.tasks(root=root, **options)
 
 
+def split_dataset(config: TrainConfig, held_out: bool = False) -> MultiTaskDataset:
+    """The training split (``data.options``) or the held-out one (``data.val_options``)."""
+    entry = DATASETS.get(config.data.name)
+    if entry is None:
+        raise ConfigError(f"unknown dataset {config.data.name!r}; known: {sorted(DATASETS)}")
+    options = dict(config.data.val_options if held_out else config.data.options)
+    if not entry.needs_root and config.data.root is None and "size" in entry.options:
+        options.setdefault("size", tuple(config.input_size))
+    split = entry.splits[-1] if held_out else entry.splits[0]
+    return build_dataset(config.data.name, split, config.data.root, **options)
+
+
 __all__ = [
     "ALIASES",
     "DATASETS",
@@ -172,12 +187,14 @@ __all__ = [
     "MultiTaskDataset",
     "NpySplitDataset",
     "build_dataset",
+    "collate",
     "dataset_tasks",
     "get_entry",
     "read_meta",
     "render_scenes",
     "resize_sample",
     "scenes_tasks",
+    "split_dataset",
     "to_sample",
     "write_split",
 ]

@@ -37,11 +37,11 @@ from torch.utils.data import Dataset
 
 from dymu.config import TaskSpec
 from dymu.errors import DymuError
+from dymu.normalization import IMAGENET
 
 #: ImageNet channel statistics (the convention of the MTAN / MTI-Net pipelines and of
-#: ImageNet-pretrained backbones).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ImageNet-pretrained backbones), from the one table of :mod:`dymu.normalization`.
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 
 Sample = dict[str, torch.Tensor]
 RawSample = dict[str, np.ndarray]
@@ -99,6 +99,11 @@ def to_sample(
                 d = np.where(np.isfinite(d) & (d > 0), d, 0.0).astype(np.float32)
             out[t.name] = torch.from_numpy(np.ascontiguousarray(d))[None]
     return out
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Samples stacked key by key into one batch (the DataLoader's ``collate_fn``)."""
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def resize_sample(sample: Sample, tasks: Sequence[TaskSpec], size: tuple[int, int]) -> Sample:

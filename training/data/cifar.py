@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from dymu.config import TaskSpec
+from dymu.normalization import DATASET_NORMALIZATION
 
 from .base import ArrayDataset, DatasetError, Sample
 
-CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+CIFAR100_MEAN, CIFAR100_STD = DATASET_NORMALIZATION["cifar100-20"]
 SPLITS: dict[str, str] = {"train": "train", "test": "test", "val": "test"}
 N_COARSE, N_FINE_PER_COARSE = 20, 5
 IGNORE = 255

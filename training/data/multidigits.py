@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from dymu.config import TaskSpec
+from dymu.normalization import DATASET_NORMALIZATION
 
 from .base import ArrayDataset, DatasetError, Sample
 
@@ -32,8 +33,7 @@ SPLITS: dict[str, str] = {"train": "train", "test": "test", "val": "test"}
 STREAMS: dict[str, int] = {"train": 0, "test": 1}
 DEFAULT_N: dict[str, int] = {"train": 10000, "test": 2000}
 #: Canvas statistics (measured on 10,000 train pairs of seed 0), for zero-mean unit-variance.
-DIGITS_MEAN: tuple[float, float, float] = (0.25, 0.25, 0.25)
-DIGITS_STD: tuple[float, float, float] = (0.33, 0.33, 0.33)
+DIGITS_MEAN, DIGITS_STD = DATASET_NORMALIZATION["multidigits"]
 
 
 def multidigits_tasks() -> tuple[TaskSpec, ...]:

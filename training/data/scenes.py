@@ -1,6 +1,6 @@
 """``scenes``: procedurally rendered 3-D scenes with exact semantic labels, depth and normals.
 
-The embedded default benchmark (DESIGN.md §4): a room (floor, back wall, two side walls) holding
+The default benchmark (docs/design.md §6): a room (floor, back wall, two side walls) holding
 a few objects (spheres, boxes rotated about the vertical axis, upright cylinders and cones),
 seen by a pinhole camera and ray cast exactly, fully vectorized over pixels in numpy (one pass
 per surface, no per-pixel Python loop).
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from dymu.config import TaskSpec, dense_tasks
+from dymu.normalization import DATASET_NORMALIZATION
 
 from .base import ArrayDataset, DatasetError, MultiTaskDataset, Sample
 from .npy_split import NpySplitDataset, read_meta
@@ -574,8 +575,7 @@ def scenes_tasks(classes: int = len(SCENE_CLASSES)) -> tuple[TaskSpec, ...]:
 
 #: Channel statistics of rendered images (measured on 2,000 images of seed 0 at 96x128),
 #: used to normalize them to roughly zero mean and unit variance.
-SCENES_MEAN: tuple[float, float, float] = (0.323, 0.322, 0.322)
-SCENES_STD: tuple[float, float, float] = (0.183, 0.181, 0.180)
+SCENES_MEAN, SCENES_STD = DATASET_NORMALIZATION["scenes"]
 #: Images per split when generated in memory.
 DEFAULT_N: dict[str, int] = {"train": 1000, "val": 250}
 SPLITS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}

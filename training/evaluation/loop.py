@@ -1,11 +1,12 @@
 """The evaluation loop: every row at every preference on the held-out split (paper §4.1).
 
-For each row, P preferences r (uniform on the simplex, fixed seed: :func:`random_preferences`)
-at the row's c give P loss vectors ``(w_i L_i)_i`` (split-level losses, see
-:mod:`training.evaluation.metrics`), their hypervolume and mean uniformity, the split-level
-metrics and Δ_m against the Single-Task row; inference params and GFLOPs are means over
-``cost_preferences`` (1,000) preferences from dymu's cost model. The sweeps behind the figures
-(marginal controllability, pairwise trade-offs, resource usage over the simplex) use the same
+For each row, P preferences r (uniform on the simplex, fixed seed:
+:func:`dymu.preference.sample_preferences`) at the row's c give P loss vectors
+``(w_i L_i)_i`` (split-level losses, see :mod:`training.evaluation.metrics`), their hypervolume
+and mean uniformity, the split-level metrics and Δ_m against the Single-Task row; inference
+params and GFLOPs are means over ``cost_preferences`` (1,000) preferences from dymu's cost
+model. The sweeps behind the figures (marginal controllability, pairwise trade-offs, resource
+usage over the simplex) use the same
 :class:`Evaluator`.
 """
 
@@ -20,13 +21,16 @@ from typing import Any
 import torch
 
 from dymu.config import TaskSpec
+from dymu.preference import sample_preferences
 
-from ..evaluate import evaluate, random_preferences
 from ..tasks import delta_m
+from .checks import evaluate
 from .methods import Row
 from .metrics import Hypervolume, hypervolume, uniformity
 
-Preference = tuple[list[float], float | None]
+#: One preference of the evaluation: ``(r, c)``, c None where the row brings its own c. Not
+#: :class:`dymu.Preference` (a validated preference), hence the other name.
+PreferencePoint = tuple[list[float], float | None]
 
 
 @dataclass
@@ -80,7 +84,7 @@ def loss_vector(
 
 
 def mean_cost(
-    method: Any, c: float | None, preferences: Sequence[Preference]
+    method: Any, c: float | None, preferences: Sequence[PreferencePoint]
 ) -> tuple[float, float]:
     """Mean (GFLOPs, params) of ``method`` over ``preferences`` at cost preference ``c``.
 
@@ -112,7 +116,7 @@ class Evaluator:
         device: torch.device | str = "cpu",
         progress: Any = None,
     ) -> None:
-        from ..evaluate import batches
+        from .checks import batches
 
         self.tasks = tuple(tasks)
         self.names = tuple(t.name for t in self.tasks)
@@ -151,7 +155,7 @@ class Evaluator:
             point.delta_m = relative_to_single_task(metrics, self.single_task)
         return point
 
-    def row_points(self, row: Row, preferences: Sequence[Preference]) -> list[Point]:
+    def row_points(self, row: Row, preferences: Sequence[PreferencePoint]) -> list[Point]:
         """The row at each preference (the static group: each network at its own r_k)."""
         if self.progress is not None:
             self.progress.set_description(row.label[:40])
@@ -162,9 +166,9 @@ class Evaluator:
     def row_result(
         self,
         row: Row,
-        preferences: Sequence[Preference],
+        preferences: Sequence[PreferencePoint],
         reference: Sequence[float],
-        cost_preferences: Sequence[Preference],
+        cost_preferences: Sequence[PreferencePoint],
     ) -> RowResult:
         points = self.row_points(row, preferences)
         hv = hypervolume([p.vector(self.names) for p in points], reference)
@@ -198,9 +202,9 @@ def relative_to_single_task(
     return delta_m(shared, usable) if shared else None
 
 
-def preferences(n_tasks: int, count: int, seed: int) -> list[Preference]:
+def preferences(n_tasks: int, count: int, seed: int) -> list[PreferencePoint]:
     """``count`` preferences r uniform on the simplex (Dir(1)) from ``seed`` (c comes per row)."""
-    return [(r, None) for r, _ in random_preferences(n_tasks, count, seed)]
+    return [(r, None) for r, _ in sample_preferences(n_tasks, count, seed)]
 
 
 def marginal_grid(n_tasks: int, points: int) -> list[tuple[int, float, list[float]]]:
@@ -239,7 +243,7 @@ def simplex_grid(n_tasks: int, steps: int) -> list[list[float]]:
             for a in range(steps + 1)
             for b in range(steps + 1 - a)
         ]
-    return [r for r, _ in random_preferences(n_tasks, 300, seed=1234)]
+    return [r for r, _ in sample_preferences(n_tasks, 300, seed=1234)]
 
 
 def finite(x: float | None) -> float | None:

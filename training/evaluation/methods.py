@@ -257,13 +257,12 @@ def held_out_split(source: Source, data_dir: str | Path | None = None) -> tuple[
     """The split to evaluate on, and a description of it for the report.
 
     Default: the held-out split of the training config recorded with the run or the artifact
-    (``data.val_options``, as :func:`training.pipeline.split_dataset` builds it). ``data_dir``:
+    (``data.val_options``, as :func:`training.data.split_dataset` builds it). ``data_dir``:
     a split written by ``dymu data`` (``DIR/image/...``) or a dataset root (its held-out split),
     read as the recorded benchmark, resized to the model's input size where the loader can.
     """
     from training.config import TrainConfig
-    from training.data import DatasetError, build_dataset, get_entry, read_meta
-    from training.pipeline import split_dataset
+    from training.data import DatasetError, build_dataset, get_entry, read_meta, split_dataset
 
     cfg = TrainConfig.model_validate(source.train_config) if source.train_config else None
     if data_dir is None:

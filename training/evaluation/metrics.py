@@ -1,4 +1,4 @@
-"""Set-level metrics of a controllable model (paper §4.1, App. J; DESIGN.md §3).
+"""Set-level metrics of a controllable model (paper §4.1, App. J; docs/design.md §5).
 
 * :func:`hypervolume` — the volume of loss space dominated by a set of loss vectors and bounded
   by a reference point (App. J, eq. 10), computed with moocore: exactly up to
@@ -196,7 +196,7 @@ def _constant_predictor_losses(benchmark: str) -> dict[str, float]:
     import torch
 
     from ..config import load_config
-    from ..pipeline import collate, split_dataset
+    from ..data import collate, split_dataset
     from ..tasks import task_loss
 
     config = load_config({"scenes": "scenes-small"}.get(benchmark, benchmark))

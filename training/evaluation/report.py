@@ -116,6 +116,54 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return finite(float(spearmanr(x, y).statistic))
 
 
+def _resource_usage(
+    model: Any, cost_prefs: Sequence[Sequence[float]], simplex_steps: int
+) -> dict[str, Any]:
+    """Mean FLOPs and params per c in RESOURCE_C, and the FLOPs fraction over a simplex grid."""
+    n = model.n_tasks
+    anchor = model.anchor_cost()
+    resource = {}
+    grid = simplex_grid(n, simplex_steps)
+    for c in RESOURCE_C:
+        costs = [model.cost(model.architecture(r, c)) for r in grid]
+        mean_g, mean_p = mean_cost(model, c, cost_prefs)
+        resource[f"{c:g}"] = {
+            "c": c,
+            "mean_gflops": mean_g,
+            "mean_params": mean_p,
+            "mean_fraction_flops": mean_g * 1e9 / anchor.flops,
+            "grid": [
+                {
+                    "r": r,
+                    "fraction_flops": x.flops / anchor.flops,
+                    "fraction_params": x.params / anchor.params,
+                }
+                for r, x in zip(grid, costs, strict=True)
+            ],
+        }
+    return resource
+
+
+def _showcase_trees(model: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The trees of the uniform and (up to four) one-hot preferences at every c of DYMU_C."""
+    n = len(names)
+    trees = {}
+    showcase = [("uniform", [1 / n] * n)] + [
+        (f"one-hot {names[i]}", [1.0 if j == i else 0.0 for j in range(n)])
+        for i in range(min(n, 4))
+    ]
+    for label, r in showcase:
+        for c in DYMU_C:
+            arch = model.architecture(r, c)
+            trees[f"{label}, c={c:.1f}"] = {
+                "r": r,
+                "c": c,
+                "parents": arch.to_dict()["parents"],
+                "gflops": model.cost(arch).gflops,
+            }
+    return trees
+
+
 def evaluate_source(
     source: Source,
     dataset: Any,
@@ -184,40 +232,8 @@ def evaluate_source(
     bar.close()
 
     anchor = model.anchor_cost()
-    resource = {}
-    grid = simplex_grid(n, simplex_steps)
-    for c in RESOURCE_C:
-        costs = [model.cost(model.architecture(r, c)) for r in grid]
-        mean_g, mean_p = mean_cost(model, c, cost_prefs)
-        resource[f"{c:g}"] = {
-            "c": c,
-            "mean_gflops": mean_g,
-            "mean_params": mean_p,
-            "mean_fraction_flops": mean_g * 1e9 / anchor.flops,
-            "grid": [
-                {
-                    "r": r,
-                    "fraction_flops": x.flops / anchor.flops,
-                    "fraction_params": x.params / anchor.params,
-                }
-                for r, x in zip(grid, costs, strict=True)
-            ],
-        }
-
-    trees = {}
-    showcase = [("uniform", [1 / n] * n)] + [
-        (f"one-hot {names[i]}", [1.0 if j == i else 0.0 for j in range(n)])
-        for i in range(min(n, 4))
-    ]
-    for label, r in showcase:
-        for c in DYMU_C:
-            arch = model.architecture(r, c)
-            trees[f"{label}, c={c:.1f}"] = {
-                "r": r,
-                "c": c,
-                "parents": arch.to_dict()["parents"],
-                "gflops": model.cost(arch).gflops,
-            }
+    resource = _resource_usage(model, cost_prefs, simplex_steps)
+    trees = _showcase_trees(model, names)
 
     by_key = {res.row.key: res for res in results}
     report: dict[str, Any] = {

@@ -9,6 +9,7 @@ the single-task stream.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -17,9 +18,10 @@ import torch
 
 import dymu
 from dymu.config import TaskSpec
+from dymu.preference import sample_preferences
 
-from .pipeline import collate
-from .tasks import make_meters
+from ..data import collate
+from ..tasks import make_meters
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -53,15 +55,14 @@ def evaluate(
     return {name: m.compute() for name, m in meters.items() if any(name == t.name for t in tasks)}
 
 
-def random_preferences(
-    n_tasks: int, count: int, seed: int, c: float | None = None
-) -> list[tuple[list[float], float]]:
-    """``count`` preferences with r uniform on the simplex (Dir(1)) and c uniform (or fixed)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch._standard_gamma(torch.ones(count, n_tasks), generator=g)
-    r = r / r.sum(1, keepdim=True)
-    cs = torch.rand(count, generator=g) if c is None else torch.full((count,), float(c))
-    return [(row.tolist(), float(ci)) for row, ci in zip(r, cs, strict=True)]
+#: The frugality values of check 1 (the FLOPs must not rise from one to the next).
+CHECK_C = (0.0, 0.5, 1.0)
+#: Check 2 compares a task's mean loss where its preference is high (r_i >= HIGH_PREFERENCE)
+#: with where it is low (r_i <= LOW_PREFERENCE): the loss must be lower where it is preferred.
+HIGH_PREFERENCE = 0.6
+LOW_PREFERENCE = 0.1
+#: Check 3: the one-hot tree's loss may exceed the single-task stream's by at most 10 %.
+ONE_HOT_TOLERANCE = 1.10
 
 
 def method_checks(
@@ -72,32 +73,41 @@ def method_checks(
     batch_size: int = 50,
 ) -> dict[str, Any]:
     """The three checks of the shipped model, with every number behind them."""
-    tasks = model.config.tasks
-    n = model.n_tasks
-    anchor_flops = model.anchor_cost().flops
     report: dict[str, Any] = {
         "n_preferences": n_preferences,
         "seed": seed,
         "flop_convention": "1 multiply-add = 2 FLOPs",
     }
+    report.update(flops_check(model, n_preferences, seed))
+    report["task_control"] = task_control_check(model, dataset, n_preferences, seed, batch_size)
+    report["one_hot_vs_single_task"] = one_hot_check(model, dataset, batch_size)
+    report["resource_shape"] = resource_shape(model)
+    report["shared_trees"] = shared_tree_quality(model, dataset, batch_size)
+    return report
 
-    # 1. mean active FLOPs over random r, for c = 0, 0.5, 1 (analytic; no images needed)
+
+def flops_check(model: dymu.ControllableModel, n_preferences: int, seed: int) -> dict[str, Any]:
+    """Check 1: mean active FLOPs over random r for each c of CHECK_C (analytic; no images)."""
+    anchor_flops = model.anchor_cost().flops
     flops = {}
-    for c in (0.0, 0.5, 1.0):
-        prefs = random_preferences(n, n_preferences, seed, c=c)
+    for c in CHECK_C:
+        prefs = sample_preferences(model.n_tasks, n_preferences, seed, c=c)
         costs = [model.cost(model.architecture(r, c)).flops for r, _ in prefs]
         flops[str(c)] = {
             "mean_gflops": statistics.fmean(costs) / 1e9,
             "fraction_of_anchor": statistics.fmean(costs) / anchor_flops,
         }
-    report["flops_by_c"] = flops
-    report["flops_fall_with_c"] = (
-        flops["0.0"]["mean_gflops"] >= flops["0.5"]["mean_gflops"] >= flops["1.0"]["mean_gflops"]
-        and flops["0.0"]["mean_gflops"] > flops["1.0"]["mean_gflops"]
-    )
+    means = [flops[str(c)]["mean_gflops"] for c in CHECK_C]
+    falls = all(a >= b for a, b in itertools.pairwise(means)) and means[0] > means[-1]
+    return {"flops_by_c": flops, "flops_fall_with_c": falls}
 
-    # 2. per task: mean loss at r_i >= 0.6 vs r_i <= 0.1, over random (r, c)
-    prefs = random_preferences(n, n_preferences, seed + 1)
+
+def task_control_check(
+    model: dymu.ControllableModel, dataset: Any, n_preferences: int, seed: int, batch_size: int
+) -> dict[str, Any]:
+    """Check 2: per task, the mean loss at high vs low r_i, over random (r, c)."""
+    tasks = model.config.tasks
+    prefs = sample_preferences(model.n_tasks, n_preferences, seed + 1)
     losses = []
     for r, c in prefs:
         net = model.materialize(r, c)
@@ -105,23 +115,26 @@ def method_checks(
         losses.append({t.name: metrics[t.name]["loss"] for t in tasks})
     control = {}
     for i, t in enumerate(tasks):
-        high = [lo[t.name] for (r, _), lo in zip(prefs, losses, strict=True) if r[i] >= 0.6]
-        low = [lo[t.name] for (r, _), lo in zip(prefs, losses, strict=True) if r[i] <= 0.1]
+        pairs = list(zip(prefs, losses, strict=True))
+        high = [lo[t.name] for (r, _), lo in pairs if r[i] >= HIGH_PREFERENCE]
+        low = [lo[t.name] for (r, _), lo in pairs if r[i] <= LOW_PREFERENCE]
         control[t.name] = {
-            "mean_loss_r_ge_0.6": statistics.fmean(high) if high else None,
-            "mean_loss_r_le_0.1": statistics.fmean(low) if low else None,
+            f"mean_loss_r_ge_{HIGH_PREFERENCE}": statistics.fmean(high) if high else None,
+            f"mean_loss_r_le_{LOW_PREFERENCE}": statistics.fmean(low) if low else None,
             "count_high": len(high),
             "count_low": len(low),
+            "holds": bool(high and low and statistics.fmean(high) < statistics.fmean(low)),
         }
-        control[t.name]["holds"] = bool(
-            high and low and statistics.fmean(high) < statistics.fmean(low)
-        )
-    report["task_control"] = control
+    return control
 
-    # 3. one-hot preference on task i (c = 0) vs the single-task stream i
+
+def one_hot_check(
+    model: dymu.ControllableModel, dataset: Any, batch_size: int
+) -> dict[str, dict[str, Any]]:
+    """Check 3: a one-hot preference on task i (c = 0) against the single-task stream i."""
     single = {}
-    for i, t in enumerate(tasks):
-        onehot = [1.0 if j == i else 0.0 for j in range(n)]
+    for i, t in enumerate(model.config.tasks):
+        onehot = [1.0 if j == i else 0.0 for j in range(model.n_tasks)]
         net = model.materialize(onehot, 0.0, tasks=[t.name])
         dyn = evaluate(net, dataset, [t], batch_size, model.device)[t.name]["loss"]
         stream = evaluate(
@@ -131,12 +144,9 @@ def method_checks(
             "one_hot_loss": dyn,
             "single_task_loss": stream,
             "ratio": dyn / stream,
-            "within_10pct": dyn <= 1.10 * stream,
+            "within_10pct": dyn <= ONE_HOT_TOLERANCE * stream,
         }
-    report["one_hot_vs_single_task"] = single
-    report["resource_shape"] = resource_shape(model)
-    report["shared_trees"] = shared_tree_quality(model, dataset, batch_size)
-    return report
+    return single
 
 
 def uniform_and_one_hot(n: int) -> dict[str, list[float]]:

@@ -1,0 +1,330 @@
+"""The four stages of dymu's training (paper §3, App. F; docs/design.md, "The stages").
+
+``anchor`` (stage 0: N single-task streams), ``affinity`` (stage 0b: RSA task affinity),
+``edge`` (stage 1: edge hypernet + branching regularizer), ``weight`` (stage 2: weight
+hypernet). Each stage supplies a loss to :func:`training.loop.train_stage`; stage 1's loss of one
+step is :func:`edge_loss`, which the benchmark's training-step case times as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dymu.anchor import AnchorNet
+from dymu.architecture import Architecture
+from dymu.config import TaskSpec
+from dymu.preference import sample_preference
+
+from .branching import (
+    RegularizerSwitches,
+    branching_regularizer,
+    default_tau,
+    gumbel_temperature,
+    task_affinity,
+)
+from .config import EdgeStage
+from .data import collate
+from .loop import freeze, task_stats, train_stage
+from .paths import batched_regularizer, expected_task_losses, path_losses
+from .run import Run, step_generator
+from .tasks import weighted_task_loss
+
+#: r ~ Dir(1): the dense share of the path estimator's preferences (uniform on the simplex).
+DENSE_ETA = 1.0
+#: Images per forward pass of the path table (bounds its memory; the table does not depend on it).
+PATH_CHUNK = 16
+#: Images per forward pass of stage 0b (bounds its memory; the affinity does not depend on it).
+AFFINITY_CHUNK = 16
+
+
+class SharedTrunk(nn.Module):
+    """The anchor read through the fully shared tree (one module, so DDP can wrap it)."""
+
+    def __init__(self, anchor: AnchorNet) -> None:
+        super().__init__()
+        self.anchor = anchor
+        self.tree = Architecture.fully_shared(anchor.n_tasks, anchor.num_layers)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.anchor.forward_tree(x, self.tree)
+
+
+def copy_trunk(anchor: AnchorNet) -> None:
+    """Stream 0's layers below the top (the trained trunk) into every other stream."""
+    for j in range(1, anchor.n_tasks):
+        for layer in range(anchor.num_layers - 1):
+            anchor.node(layer, j).load_state_dict(anchor.node(layer, 0).state_dict())
+
+
+def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
+    """Before stage 0: the fully shared tree on sum_i w_i L_i, then copied into every stream
+    (the common trunk, docs/training.md)."""
+    cfg = run.config.trunk
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.autocast():
+            out = net(batch["image"])
+        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
+        return total, task_stats(per_task)
+
+    # The other streams' lower layers are unused until the copy: DDP must look for them.
+    train_stage(
+        run, "trunk", SharedTrunk(run.model.anchor), cfg, start, opt_state, loss_fn,
+        lambda s: cfg.lr, weight_decay=cfg.weight_decay, find_unused=True,
+    )  # fmt: skip
+    copy_trunk(run.model.anchor)
+
+
+def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
+    cfg, anchor = run.config.anchor, run.model.anchor
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.autocast():
+            out = net(batch["image"])
+        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
+        return total, task_stats(per_task)
+
+    train_stage(
+        run,
+        "anchor",
+        anchor,
+        cfg,
+        start,
+        opt_state,
+        loss_fn,
+        lambda s: cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+@torch.no_grad()
+def stage_affinity(run: Run) -> torch.Tensor:
+    """Stage 0b: RSA task affinity over K training images (App. D)."""
+    anchor = run.model.anchor.eval()
+    k = min(run.config.affinity.images, len(run.train_set))
+    gen = step_generator(run.config.seed, "affinity", 0)
+    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
+    feats: list[list[list[torch.Tensor]]] = [
+        [[] for _ in range(anchor.n_tasks)] for _ in range(anchor.num_layers)
+    ]
+    for chunk in range(0, k, AFFINITY_CHUNK):
+        images = [run.train_set[i] for i in idx[chunk : chunk + AFFINITY_CHUNK]]
+        x = collate(images)["image"].to(run.device)
+        for j in range(anchor.n_tasks):
+            y = x
+            for l in range(anchor.num_layers):
+                y = anchor.node(l, j)(y)
+                feats[l][j].append(y.float().cpu())
+    return task_affinity(
+        [[torch.cat(f) for f in per_task] for per_task in feats], run.config.affinity.score
+    )
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """nu = softmax((logits + g) / tau), g ~ Gumbel(0, 1) drawn from ``gen`` (repeatable)."""
+    u = torch.rand(logits.shape, generator=gen).to(logits.device).clamp(1e-10, 1 - 1e-10)
+    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+@dataclass(frozen=True)
+class EdgeObjective:
+    """What stays fixed over stage 1: the stage's options, the tasks, A and the threshold tau."""
+
+    cfg: EdgeStage
+    tasks: tuple[TaskSpec, ...]
+    affinity: torch.Tensor
+    tau: float
+    switches: RegularizerSwitches
+
+    @classmethod
+    def build(
+        cls,
+        cfg: EdgeStage,
+        tasks: tuple[TaskSpec, ...],
+        affinity: torch.Tensor | None,
+        device: torch.device,
+    ) -> EdgeObjective:
+        """The objective of ``cfg``; no affinity (stage 0b skipped) means A = 1 everywhere."""
+        n = len(tasks)
+        tau = cfg.tau if cfg.tau is not None else default_tau(n)
+        switches = RegularizerSwitches(
+            cfg.inactive_loss, cfg.layer_weighting, cfg.affinity, cfg.dichotomy
+        )
+        aff = (affinity if affinity is not None else torch.ones(n, n)).to(device)
+        return cls(cfg, tuple(tasks), aff, tau, switches)
+
+
+def edge_loss(
+    net: nn.Module,
+    anchor: AnchorNet,
+    objective: EdgeObjective,
+    step: int,
+    batch: dict,
+    gen: torch.Generator,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 1: sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 2, with Eq. 4 and 6).
+
+    ``net`` is the edge hypernet (possibly under DDP); r, c and the Gumbel noise are drawn from
+    ``gen`` in that order.
+    """
+    cfg, device = objective.cfg, objective.affinity.device
+    r, c = sample_preference(len(objective.tasks), cfg.eta, gen)
+    r = r.to(device)
+    zeta = gumbel_temperature(
+        step, cfg.temperature_start, cfg.temperature_decay, cfg.temperature_period()
+    )
+    logits = net(r, c.to(device))
+    if cfg.logit_bound is not None:  # monotonic: the arg-max tree is unchanged
+        logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
+    nu = gumbel_softmax(logits, zeta, gen)
+    with autocast():
+        out = anchor.forward_soft(batch["image"], list(nu))
+    task_total, per_task = weighted_task_loss(objective.tasks, out, batch, r)
+    probs = nu.float() if cfg.regularize_samples else torch.softmax(logits.float(), dim=-1)
+    omega, reg = branching_regularizer(
+        list(probs),
+        r,
+        c,
+        objective.affinity,
+        objective.tau,
+        cfg.lambda_active,
+        cfg.lambda_inactive,
+        objective.switches,
+        cfg.regularizer,
+    )
+    stats = {"task_loss": task_total.item(), "omega": omega.item(), "zeta": zeta, **reg}
+    return task_total + omega, {**stats, **task_stats(per_task)}
+
+
+def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1: edge hypernet; loss = sum_i r_i w_i L_i + Omega(r, c) (paper Eq. 2, 6)."""
+    cfg, model = run.config.edge, run.model
+    if cfg.estimator == "paths":
+        return stage_edge_paths(run, start, opt_state)
+    freeze(model.anchor)
+    objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(run.config.seed, "edge-pref", step)
+        return edge_loss(net, model.anchor, objective, step, batch, gen, run.autocast)
+
+    train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
+
+
+@torch.no_grad()
+def path_table(run: Run) -> torch.Tensor:
+    """w_j T[j, p] on ``path_images`` training images (training/paths.py), seeded by the run."""
+    k = min(run.config.edge.path_images, len(run.train_set))
+    gen = step_generator(run.config.seed, "edge-paths", 0)
+    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
+    batches = (
+        {
+            key: v.to(run.device)
+            for key, v in collate([run.train_set[i] for i in idx[s : s + PATH_CHUNK]]).items()
+        }
+        for s in range(0, k, PATH_CHUNK)
+    )
+    table = path_losses(run.model.anchor.eval(), batches, run.tasks)
+    scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
+    return (table * scales.unsqueeze(1)).to(run.device)
+
+
+@torch.no_grad()
+def branched_init_(hyper: nn.Module, bias: float) -> None:
+    """Every child's logit for its own stream's parent starts ``bias`` above the others.
+
+    The expected loss of a path is a product of parent choices, so from a uniform start the
+    regularizer's pull toward one shared path wins before any task's own path can emerge
+    (docs/training.md); starting at the anchor lets sharing grow where it pays.
+    """
+    n = hyper.n_tasks
+    for head in hyper.heads:
+        head.bias.copy_((torch.eye(n) * bias).flatten().to(head.bias))
+
+
+def edge_paths_loss(
+    net: nn.Module, objective: EdgeObjective, table: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 1 with the path table: the mean over ``preferences`` (r, c) pairs of
+    E_tree[sum_i r_i w_i L_i] + Omega(r, c), exact on softmax(logits) (training/paths.py)."""
+    cfg, device, n = objective.cfg, objective.affinity.device, len(objective.tasks)
+    dense = round(cfg.dense_fraction * cfg.preferences)
+    prefs = [
+        sample_preference(n, DENSE_ETA if k < dense else cfg.eta, gen)
+        for k in range(cfg.preferences)
+    ]
+    r = torch.stack([p[0] for p in prefs]).to(device)
+    c = torch.stack([p[1] for p in prefs]).to(device)
+    logits = net(r, c)
+    if cfg.logit_bound is not None:
+        logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
+    probs = torch.softmax(logits.float(), dim=-1)
+    task = (r * expected_task_losses(probs, table)).sum(-1)
+    omega, l_act, l_inact = batched_regularizer(
+        probs, r, c, objective.affinity, objective.tau, cfg.lambda_active,
+        cfg.lambda_inactive, objective.switches,
+    )  # fmt: skip
+    stats = {
+        "task_loss": task.mean().item(),
+        "omega": omega.mean().item(),
+        "active_loss": l_act.mean().item(),
+        "inactive_loss": l_inact.mean().item(),
+    }
+    return (task + omega).mean(), stats
+
+
+def stage_edge_paths(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1 with the path-table estimator (``[edge] estimator = "paths"``)."""
+    cfg, model = run.config.edge, run.model
+    freeze(model.anchor)
+    objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
+    table = path_table(run)
+    if start == 0 and cfg.branched_init:
+        branched_init_(model.edge_hypernet, cfg.branched_init)
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return edge_paths_loss(
+            net, objective, table, step_generator(run.config.seed, "edge-pref", step)
+        )
+
+    train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
+
+
+def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 2: weight hypernet on the arg-max trees inference will use; loss = sum r_i w_i L_i."""
+    cfg, model = run.config.weight, run.model
+    freeze(model.anchor)
+    freeze(model.edge_hypernet)
+    hyper = model.weight_hypernet
+    n = model.n_tasks
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(run.config.seed, "weight-pref", step)
+        r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
+        with torch.no_grad():
+            arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
+        deltas = net(r, c, arch.node_list())
+        with run.autocast():
+            out = model.anchor.forward_tree(batch["image"], arch, deltas)
+        total, per_task = weighted_task_loss(run.tasks, out, batch, r)
+        return total, task_stats(per_task)
+
+    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
+    train_stage(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at, find_unused=True)
+
+
+#: The stages that train (stage 0b computes the affinity instead: :func:`stage_affinity`).
+TRAINING_STAGES = {
+    "trunk": stage_trunk,
+    "anchor": stage_anchor,
+    "edge": stage_edge,
+    "weight": stage_weight,
+}
