@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import dymu
+from dymu.preference import canonicalize
 from service import prefid
 from service.client import DymuClient
 from service.server import BackgroundServer
@@ -92,7 +93,7 @@ def test_preferences_with_the_same_tree_share_one_session(client, model):
     by_tree: dict[str, list] = {}
     for k in range(60):
         r = [(k * 7) % 5 + 0.5, (k * 3) % 4 + 0.5, k % 3 + 0.5]
-        pref, key = prefid.canonicalize(r, (k % 10) / 9, TASKS)
+        pref, key = canonicalize(r, (k % 10) / 9, TASKS)
         by_tree.setdefault(model.architecture(pref).id, []).append(key)
     key_a, key_b = next(keys for keys in by_tree.values() if len(keys) >= 2)[:2]
     pid_a = prefid.encode(key_a, info.name, info.version)

@@ -52,7 +52,7 @@ def onnx_ok() -> bool:
 
 
 def measure_size(ctx: Context, size: str) -> dict[str, Any]:
-    from service import prefid
+    from dymu.preference import canonicalize
     from service.backends import OnnxSession, export_onnx
     from service.cache import PreferenceCache
 
@@ -73,11 +73,11 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         model.materialize(pr, pc)
 
     cache: PreferenceCache = PreferenceCache(64, 2**30)
-    _, key = prefid.canonicalize(r, c, model.tasks)
+    _, key = canonicalize(r, c, model.tasks)
     cache.put(key, SimpleNamespace(nbytes=0))
 
     def cache_hit() -> None:
-        _, k = prefid.canonicalize(r, c, model.tasks)
+        _, k = canonicalize(r, c, model.tasks)
         assert cache.get(k) is not None
 
     variants: dict[str, Any] = {
