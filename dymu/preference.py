@@ -11,6 +11,7 @@ and the CLI all call :func:`normalize_preference` and :func:`resolve_tasks`.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,12 +75,13 @@ def _as_floats(r: Any, tasks: Sequence[str]) -> list[float]:
 
 
 def _as_float(v: Any, what: str) -> float:
+    # reprlib: a value from a request can be nested arbitrarily deep; its repr must not be.
     if isinstance(v, bool) or (not isinstance(v, (int, float)) and not hasattr(v, "__float__")):
-        raise PreferenceError(f"{what} must be a number, got {v!r}")
+        raise PreferenceError(f"{what} must be a number, got {reprlib.repr(v)}")
     try:
         f = float(v)
     except (TypeError, ValueError) as exc:
-        raise PreferenceError(f"{what} must be a number, got {v!r}") from exc
+        raise PreferenceError(f"{what} must be a number, got {reprlib.repr(v)}") from exc
     if not math.isfinite(f):
         raise PreferenceError(f"{what} must be finite, got {f}")
     return f

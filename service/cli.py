@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             "device": args.device,
             "backend": args.backend,
             "log_level": args.log_level,
+            "exit_on_load_error": False if args.stay_up_on_load_error else None,
         }.items()
         if v is not None
     }
@@ -106,6 +107,12 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         help="auto = onnx when onnxruntime is installed, else torch ($DYMU_BACKEND)",
     )
     p.add_argument("--log-level", default=None, help="uvicorn log level (default info)")
+    p.add_argument(
+        "--stay-up-on-load-error",
+        action="store_true",
+        help="when the artifact fails to load or verify at start, stay up (live, not ready) "
+        "instead of exiting non-zero ($DYMU_EXIT_ON_LOAD_ERROR=false)",
+    )
     p.add_argument(
         "--engine",
         choices=("uvicorn", "ray"),

@@ -105,17 +105,20 @@ class DymuServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
         self.service = service
+        self.load_error: str | None = None  # why the server stopped itself
 
-    @property
-    def load_failed(self) -> bool:
-        return self.service.status == "failed" and self.service.settings.exit_on_load_error
+    def _check_load(self) -> bool:
+        svc = self.service
+        if svc.status == "failed" and svc.settings.exit_on_load_error:
+            self.load_error = svc.detail or "loading the model failed"
+        return self.load_error is not None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.service.drain()
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        return self.load_failed or await super().on_tick(counter)
+        return self._check_load() or await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -139,8 +142,8 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     server = DymuServer(uvicorn_config(app, settings), app.state.service)
     server.run()
-    if server.load_failed:
-        raise DymuError(f"dymu serve: {server.service.detail}")
+    if server.load_error is not None:
+        raise DymuError(server.load_error)
 
 
 class BackgroundServer:

@@ -23,6 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 
 import dymu
+from dymu.errors import DymuError
 
 from .batching import Batcher
 from .errors import NotReadyError, OverloadedError
@@ -121,7 +122,10 @@ class Service:
         try:
             lm = await self._prepare()
         except Exception as exc:
-            log.exception("loading %s failed", self.settings.model_dir)
+            if isinstance(exc, DymuError):  # a bad artifact: the reason is the message
+                log.error("loading %s failed: %s", self.settings.model_dir, exc)
+            else:
+                log.exception("loading %s failed", self.settings.model_dir)
             self.status, self.detail = "failed", f"loading the model failed: {exc}"
             return
         self._install(lm)
@@ -175,18 +179,24 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     # -- admission ------------------------------------------------------------------------------
+    def _not_ready(self) -> NotReadyError:
+        return NotReadyError(
+            f"the model is not ready ({self.status}: {self.detail})",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
     def require_ready(self) -> LoadedModel:
+        """The model, for a request being handled; while draining, requests that arrived
+        before SIGTERM still get it (new ones are refused by :meth:`admit` and uvicorn)."""
         lm = self.current
-        if lm is None or self.status != "ready":
-            raise NotReadyError(
-                f"the model is not ready ({self.status}: {self.detail})",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
+        if lm is None or self.status not in ("ready", "draining"):
+            raise self._not_ready()
         return lm
 
     def admit(self) -> None:
         """Admit one /predict request before its body is read, or refuse at once (503)."""
-        self.require_ready()
+        if self.current is None or self.status != "ready":
+            raise self._not_ready()
         if self.in_flight >= self.max_in_flight:
             self.metrics.queue_rejections.inc()
             raise OverloadedError(
