@@ -30,6 +30,8 @@ from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 
 PARTS = ("hypernets", "materialize", "onnx weights", "cache hit")
+#: Issue 15, item 1: ``model.materialize`` for a new preference / one torch predict of its tree.
+MATERIALIZE_GOALS = {"96x128": 0.25, "288x384": 0.1}
 
 
 def served_preference(n: int) -> tuple[list[float], float]:
@@ -137,6 +139,10 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         "parts": {**parts, **{n: summarize(s) for n, s in parts_derived.items()}},
         "over_predict": ratios,
         "switch_over_predict": paired_ratio(switch_s, samples[served]),
+        "materialize_over_predict_torch": paired_ratio(
+            samples["materialize"], samples["predict torch"]
+        ),
+        "materialize_goal": MATERIALIZE_GOALS.get(size_label(hw)),
         "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
         "samples_s": samples,
     }
@@ -153,9 +159,12 @@ def run(ctx: Context) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     parts = []
     for s in result["sizes"]:
+        goal = s.get("materialize_goal")
         parts.append(
             f"**predict at {s['size']}, batch 1** (served backend: {s['served_backend']}; "
-            f"switch / predict = **{s['switch_over_predict']:.2f}**)\n"
+            f"switch / predict = **{s['switch_over_predict']:.2f}**; `model.materialize` / "
+            f"torch predict = **{s['materialize_over_predict_torch']:.3f}**"
+            + (f", goal <= {goal:g})\n" if goal is not None else ")\n")
         )
         rows = [
             [name, fmt(p["median_ms"], 3), fmt(s["over_predict"].get(name), 3)]
