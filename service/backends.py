@@ -34,6 +34,8 @@ from .metrics import Metrics
 log = logging.getLogger("dymu.service")
 
 INPUT_NAME = "image"
+#: Eager torch on the CPU with channels-last tensors (oneDNN's preferred layout for convs).
+CHANNELS_LAST = "torch-cl"
 _PREFIX = "net."
 
 
@@ -47,6 +49,8 @@ def onnx_available() -> bool:
 
 
 def resolve_backend(name: str) -> str:
+    """The backend to build runners for; ``auto`` starts on ONNX Runtime when installed and is
+    settled by :func:`measure_backends` at warm-up."""
     if name == "auto":
         return "onnx" if onnx_available() else "torch"
     if name == "onnx" and not onnx_available():
@@ -215,7 +219,7 @@ class Runner:
         pool: OnnxPool | None,
     ) -> None:
         self.device = device
-        if device.type == "cuda":
+        if device.type == "cuda" or backend == CHANNELS_LAST:
             net = net.to(device=device, memory_format=torch.channels_last)
         self.net = net
         self.tasks = net.tasks
@@ -301,8 +305,37 @@ class Runner:
                 torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
             else:
+                if self.backend == CHANNELS_LAST:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 out = self.net(x)
                 dt = time.perf_counter() - t0
             arrays = {k: v.float().cpu().numpy() for k, v in out.items()}
-        return arrays, "torch", dt
+        return arrays, CHANNELS_LAST if self.backend == CHANNELS_LAST else "torch", dt
+
+
+def measure_backends(
+    net: MaterializedModel,
+    x: torch.Tensor,
+    device: torch.device,
+    pool: OnnxPool | None,
+    rounds: int = 5,
+) -> dict[str, float]:
+    """Median seconds of one batch ``x`` through ``net`` per candidate backend: eager torch,
+    channels-last torch (CPU) and ONNX Runtime (when a pool is given). Candidates run on
+    copies, so ``net`` is left as it is; runs alternate between candidates so that a burst of
+    load on a shared machine hits them alike."""
+    runners = {"torch": Runner(clone_module(net), device, "torch", None)}
+    if device.type == "cpu":
+        runners[CHANNELS_LAST] = Runner(clone_module(net), device, CHANNELS_LAST, None)
+    if pool is not None:
+        onnx = Runner(net, device, "onnx", pool)
+        if onnx.wait_onnx(timeout=300):
+            runners["onnx"] = onnx
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for runner in runners.values():
+        runner.run(x)  # first run: allocation, oneDNN primitive creation
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name].append(runner.run(x)[2])
+    return {name: float(np.median(ts)) for name, ts in samples.items()}

@@ -30,7 +30,7 @@ from dymu.preference import (
 )
 
 from . import prefid
-from .backends import OnnxPool, Runner, resolve_backend
+from .backends import OnnxPool, Runner, measure_backends, resolve_backend
 from .errors import BadRequestError
 from .imaging import normalization_for, to_tensor
 from .metrics import Metrics
@@ -107,6 +107,8 @@ class LoadedModel:
         self.task_specs = {t.name: t for t in model.config.tasks}
         self.device = model.device
         self.backend = resolve_backend(settings.backend)
+        #: seconds of one batch per candidate backend, when ``--backend auto`` measured them
+        self.backend_times: dict[str, float] | None = None
         self.mean, self.std, self.norm_source = normalization_for(
             m, settings.input_mean, settings.input_std
         )
@@ -268,8 +270,15 @@ class LoadedModel:
         return [Output({k: v[i] for k, v in arrays.items()}, backend, dt, n) for i in range(n)]
 
     def warm_up(self, entry: PreferenceEntry) -> dict[str, float]:
-        """Run the default sub-network once per backend at the model's input size."""
+        """Run the default sub-network on every backend it may use (seconds per backend).
+
+        With ``--backend auto`` this is where the backend is chosen: each candidate is timed on
+        the default tree at the largest batch the server forms and the model's input size, and
+        the fastest serves from now on (:attr:`backend_times` keeps the measurement)."""
         runner = entry.runners[self.all_tasks.indices]
+        if self.settings.backend == "auto":
+            self.select_backend(entry)
+            return dict(self.backend_times or {})
         x = torch.zeros(1, self.model.config.in_channels, *self.input_size)
         times = {}
         _, backend, dt = runner.run(x)
@@ -278,6 +287,24 @@ class LoadedModel:
             _, backend, dt = runner.run(x)
             times[backend] = dt
         return times
+
+    def select_backend(self, entry: PreferenceEntry) -> str:
+        """Time the candidates (:func:`~service.backends.measure_backends`), keep the fastest
+        and rebuild the entry's runner for it."""
+        net = entry.runners[self.all_tasks.indices].net
+        batch = self.settings.max_batch_size
+        x = torch.zeros(batch, self.model.config.in_channels, *self.input_size)
+        self.backend_times = measure_backends(net, x, self.device, self.pool)
+        self.backend = min(self.backend_times, key=self.backend_times.__getitem__)
+        log.info(
+            "backend auto: %s (batch %d at %s: %s)",
+            self.backend,
+            batch,
+            "x".join(map(str, self.input_size)),
+            {k: f"{v * 1e3:.1f} ms" for k, v in self.backend_times.items()},
+        )
+        entry.runners = {self.all_tasks.indices: Runner(net, self.device, self.backend, self.pool)}
+        return self.backend
 
     # -- descriptions ---------------------------------------------------------------------------
     def architecture_out(self, arch: Architecture) -> ArchitectureOut:

@@ -185,6 +185,11 @@ class ModelInfo(BaseModel):
     input_normalization: dict[str, Any]
     device: str
     backend: str
+    backend_times_ms: dict[str, float] | None = Field(
+        None,
+        description="--backend auto: ms of one batch (max_batch_size, input size) per candidate "
+        "backend, measured at warm-up; the fastest serves",
+    )
     default_preference_id: str
     cache: dict[str, int]
     batching: dict[str, float]

@@ -36,6 +36,9 @@ async def model_info(svc: Svc) -> ModelInfo:
         input_normalization={"mean": lm.mean, "std": lm.std, "source": lm.norm_source},
         device=str(lm.device),
         backend=lm.backend,
+        backend_times_ms=None
+        if lm.backend_times is None
+        else {k: round(v * 1e3, 3) for k, v in lm.backend_times.items()},
         default_preference_id=lm.default_id,
         cache={
             "entries": len(lm.cache),
