@@ -130,7 +130,7 @@ class ControllableModel(ConfigTasks, nn.Module):
         pref = self.preference(r, c)
         task_idx = resolve_tasks(tasks, self.tasks)
         with torch.no_grad():
-            arch, z = self._controller(pref, architecture, adapt)
+            arch, z = self.controller(pref, architecture, adapt)
             if not fold_bn:  # the unfolded tree (a reference for tests): built node by node
                 deltas = self._deltas_of(z, arch.node_list(task_idx)) if adapt else None
                 return MaterializedModel(
@@ -138,11 +138,13 @@ class ControllableModel(ConfigTasks, nn.Module):
                 )
             return self._skeleton(arch, task_idx).instantiate(z, pref)
 
-    def _controller(
-        self, pref: Preference, architecture: Architecture | None, adapt: bool
+    @torch.no_grad()
+    def controller(
+        self, pref: Preference, architecture: Architecture | None = None, adapt: bool = True
     ) -> tuple[Architecture, torch.Tensor | None]:
-        """Both hypernets in one pass: the arg-max tree (unless given) and the weight
-        hypernet's features z, from which every node's BN deltas are one linear map."""
+        """Both hypernets in one pass for a validated preference: the arg-max tree (unless
+        ``architecture`` is given) and the weight hypernet's features z (None without
+        ``adapt``), from which every node's BN deltas are one linear map (see materialize)."""
         r, c = self._tensors(pref)
         z = self.weight_hypernet.mlp(self.weight_hypernet.embedding(r, c)) if adapt else None
         if architecture is None:

@@ -123,23 +123,42 @@ class OnnxSession:
         self.weight_names = [i.name for i in self.session.get_inputs() if i.name != INPUT_NAME]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.nbytes = len(data)
+        # (input name, storage, version) -> (tensor, OrtValue): shared weights converted once
+        self._shared: OrderedDict[tuple[str, int, int], tuple[torch.Tensor, Any]] = OrderedDict()
+        self._max_shared = 2 * len(self.weight_names)
+        self._lock = threading.Lock()
 
     def weights(self, net: MaterializedModel) -> dict[str, Any]:
-        """``OrtValue`` per weight input, from ``net``'s folded parameters."""
+        """``OrtValue`` per weight input, from ``net``'s folded parameters.
+
+        Preferences of one tree share every tensor but their adapted convolutions
+        (:class:`dymu.materialize.Skeleton`), so the ``OrtValue`` of a shared tensor is made once
+        per session and reused: a switch feeds only the weights that changed.
+        """
         import onnxruntime as ort
 
-        state = {_PREFIX + k: v for k, v in net.state_dict().items()}
+        state = {_PREFIX + k: v for k, v in net.named_parameters()}
+        state.update((_PREFIX + k, v) for k, v in net.named_buffers())
         missing = [n for n in self.weight_names if n not in state]
         if missing:
             raise RuntimeError(f"the ONNX graph needs weights the module lacks: {missing[:3]}")
-        return {
-            n: ort.OrtValue.ortvalue_from_numpy(
-                state[n].detach().float().cpu().contiguous().numpy(),
-                self.ort_device,
-                self.device_id,
-            )
-            for n in self.weight_names
-        }
+        with self._lock:
+            return {n: self._ort_value(n, state[n], ort) for n in self.weight_names}
+
+    def _ort_value(self, name: str, t: torch.Tensor, ort: Any) -> Any:
+        # LRU: the tree's shared tensors are hit by every preference and stay; a preference's
+        # own tensors age out. An entry holds its tensor, so its storage (the key) stays its own.
+        key = (name, t.data_ptr(), t._version)
+        found = self._shared.get(key)
+        if found is not None:
+            self._shared.move_to_end(key)
+            return found[1]
+        arr = t.detach().float().cpu().contiguous().numpy()
+        value = ort.OrtValue.ortvalue_from_numpy(arr, self.ort_device, self.device_id)
+        self._shared[key] = (t, value)
+        while len(self._shared) > self._max_shared:
+            self._shared.popitem(last=False)
+        return value
 
     def run(self, x: np.ndarray, weights: dict[str, Any]) -> list[np.ndarray]:
         binding = self.session.io_binding()

@@ -2,9 +2,10 @@
 
 Parts (each round uses a new random preference, so nothing is cached by accident):
 
-* ``hypernets``: edge hypernet -> arg-max tree, weight hypernet -> BN deltas of its used nodes;
-* ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + copy of
-  the used nodes + BN deltas + folding;
+* ``hypernets``: ``model.controller``: edge hypernet -> arg-max tree and the weight hypernet's
+  features, in one pass (the BN deltas themselves are one matmul inside the folding);
+* ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + the
+  tree's skeleton (kept per tree) + BN deltas + folding of the adapted convs;
 * ``onnx weights``: feeding a preference's folded weights to its tree's existing ONNX session
   (``OnnxSession.weights``: what a switch adds when the tree was seen before);
 * ``onnx export + session``: a tree seen for the first time (``export_onnx`` + ``OnnxSession``,
@@ -65,10 +66,9 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         net = model.materialize(r, c)
     prefs = itertools.cycle(random_preferences(model.n_tasks, 64, cfg.seed))
 
-    def hypernets() -> None:
+    def hypernets() -> None:  # both hypernets, as materialize runs them (one pass)
         pr, pc = next(prefs)
-        arch = model.architecture(pr, pc)
-        model.bn_deltas(pr, pc, nodes=arch.node_list())
+        model.controller(model.preference(pr, pc))
 
     def switch() -> None:
         pr, pc = next(prefs)
