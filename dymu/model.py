@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,8 +16,11 @@ from .config import ConfigTasks, ModelConfig
 from .cost import Cost, CostModel
 from .errors import ArchitectureError
 from .hypernets import EdgeHypernet, WeightHypernet
-from .materialize import MaterializedModel
+from .materialize import MaterializedModel, Skeleton
 from .preference import Preference, normalize_preference, resolve_tasks
+
+#: Folded trees a model keeps (each about the size of its used nodes' weights, twice).
+MAX_SKELETONS = 32
 
 
 class ControllableModel(ConfigTasks, nn.Module):
@@ -37,6 +42,10 @@ class ControllableModel(ConfigTasks, nn.Module):
         )
         self.cost_model = CostModel(config)
         self._manifest = dict(manifest) if manifest else None
+        # Folded trees by (architecture id, task subset), LRU; see materialize().
+        self._skeletons: OrderedDict[tuple[str, tuple[int, ...]], Skeleton] = OrderedDict()
+        self._skeleton_stamp: tuple[int, int, int] | None = None
+        self._skeleton_lock = threading.Lock()
 
     # -- description --------------------------------------------------------------------------
     @property
@@ -113,21 +122,92 @@ class ControllableModel(ConfigTasks, nn.Module):
 
         ``adapt=False`` skips the weight hypernet (the paper's "w/o adaptation");
         ``architecture`` overrides the edge hypernet's choice (e.g. a hand-made tree).
+
+        A new preference is cheap: the folded structure of each tree is kept (a
+        :class:`~dymu.materialize.Skeleton` per tree and task subset, rebuilt when the weights
+        change) and only its adapted weights are recomputed, in one vectorized step.
         """
         pref = self.preference(r, c)
         task_idx = resolve_tasks(tasks, self.tasks)
-        arch = self.architecture(pref) if architecture is None else architecture
-        if (arch.n_tasks, arch.n_layers) != (self.n_tasks, self.n_layers):
+        with torch.no_grad():
+            arch, z = self.controller(pref, architecture, adapt)
+            if not fold_bn:  # the unfolded tree (a reference for tests): built node by node
+                deltas = self._deltas_of(z, arch.node_list(task_idx)) if adapt else None
+                return MaterializedModel(
+                    self.anchor, arch, task_idx, self.cost_model, deltas, False, pref
+                )
+            return self._skeleton(arch, task_idx).instantiate(z, pref)
+
+    @torch.no_grad()
+    def controller(
+        self, pref: Preference, architecture: Architecture | None = None, adapt: bool = True
+    ) -> tuple[Architecture, torch.Tensor | None]:
+        """Both hypernets in one pass for a validated preference: the arg-max tree (unless
+        ``architecture`` is given) and the weight hypernet's features z (None without
+        ``adapt``), from which every node's BN deltas are one linear map (see materialize)."""
+        r, c = self._tensors(pref)
+        z = self.weight_hypernet.mlp(self.weight_hypernet.embedding(r, c)) if adapt else None
+        if architecture is None:
+            parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()
+            architecture = Architecture.from_parents(parents, self.n_tasks, self.n_layers)
+        elif (architecture.n_tasks, architecture.n_layers) != (self.n_tasks, self.n_layers):
             raise ArchitectureError(
-                f"architecture is N={arch.n_tasks}, L={arch.n_layers}; the "
+                f"architecture is N={architecture.n_tasks}, L={architecture.n_layers}; the "
                 f"model is N={self.n_tasks}, L={self.n_layers}"
             )
-        deltas = None
-        if adapt:
-            deltas = self.bn_deltas(pref, nodes=arch.node_list(task_idx))
-        return MaterializedModel(
-            self.anchor, arch, task_idx, self.cost_model, deltas, fold_bn=fold_bn, preference=pref
-        )
+        return architecture, z
+
+    def _deltas_of(self, z: torch.Tensor | None, nodes: list[tuple[int, int]]) -> BNDeltas:
+        wh = self.weight_hypernet
+        out = {}
+        for node in nodes:
+            if z is not None and node in wh.layout:
+                dgamma, dbeta = wh.heads[f"l{node[0]}_s{node[1]}"](z).chunk(2)
+                sizes = [ch for _, ch in wh.layout[node]]
+                out[node] = {
+                    name: (g, b)
+                    for (name, _), g, b in zip(
+                        wh.layout[node], dgamma.split(sizes), dbeta.split(sizes), strict=True
+                    )
+                }
+        return out
+
+    def _weights_stamp(self) -> tuple[int, int, int]:
+        """Changes whenever a weight the skeletons were built from changes: an optimizer step
+        or ``load_state_dict`` (in-place updates bump a tensor's version counter), ``.to()``
+        (new storage) or a parameter replaced by another. The module list is cached (a walk
+        of the module tree would cost more than the switch it guards); a module replaced by
+        another is not seen, which a loaded, frozen model never does."""
+        modules = self.__dict__.get("_stamp_modules")
+        if modules is None:
+            modules = (*self.anchor.modules(), *self.weight_hypernet.modules())
+            self.__dict__["_stamp_modules"] = modules
+        n = versions = pointers = 0
+        for m in modules:
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None:
+                    n, versions, pointers = n + 1, versions + t._version, pointers + t.data_ptr()
+        return n, versions, pointers
+
+    def _skeleton(self, arch: Architecture, task_idx: tuple[int, ...]) -> Skeleton:
+        key = (arch.id, task_idx)
+        stamp = self._weights_stamp()
+        with self._skeleton_lock:
+            if stamp != self._skeleton_stamp:
+                self._skeletons.clear()
+                self._skeleton_stamp = stamp
+            found = self._skeletons.get(key)
+            if found is not None:
+                self._skeletons.move_to_end(key)
+                return found
+        wh = self.weight_hypernet
+        heads = {node: wh.heads[f"l{node[0]}_s{node[1]}"] for node in wh.layout}
+        made = Skeleton(self.anchor, arch, task_idx, self.cost_model, wh.layout, heads)
+        with self._skeleton_lock:
+            self._skeletons[key] = made
+            while len(self._skeletons) > MAX_SKELETONS:
+                self._skeletons.popitem(last=False)
+        return made
 
     # -- cost -----------------------------------------------------------------------------------
     def cost(

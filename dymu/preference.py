@@ -13,6 +13,7 @@ evaluation, the baselines and the benchmarks all draw r from the Dirichlet here.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +92,13 @@ def _as_floats(r: Any, tasks: Sequence[str]) -> list[float]:
 
 
 def _as_float(v: Any, what: str) -> float:
+    # reprlib: a value from a request can be nested arbitrarily deep; its repr must not be.
     if isinstance(v, bool) or (not isinstance(v, (int, float)) and not hasattr(v, "__float__")):
-        raise PreferenceError(f"{what} must be a number, got {v!r}")
+        raise PreferenceError(f"{what} must be a number, got {reprlib.repr(v)}")
     try:
         f = float(v)
     except (TypeError, ValueError) as exc:
-        raise PreferenceError(f"{what} must be a number, got {v!r}") from exc
+        raise PreferenceError(f"{what} must be a number, got {reprlib.repr(v)}") from exc
     if not math.isfinite(f):
         raise PreferenceError(f"{what} must be finite, got {f}")
     return f
@@ -113,7 +115,10 @@ def normalize_preference(r: Any, c: Any, tasks: Sequence[str]) -> Preference:
     negative = [i for i, v in enumerate(values) if v < 0]
     if negative:
         raise PreferenceError(f"r must be non-negative; entries {negative} are negative")
-    total = math.fsum(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError as exc:  # huge finite weights whose sum is not finite
+        raise PreferenceError(f"r is too large to normalize: {exc}") from exc
     if total <= 0:
         raise PreferenceError("r must have a positive sum (all task weights are zero)")
     return Preference(r=tuple(v / total for v in values), c=normalize_c(c))
@@ -125,6 +130,33 @@ def normalize_c(c: Any) -> float:
     if not 0.0 <= cf <= 1.0:
         raise PreferenceError(f"c must be in [0, 1], got {cf}")
     return cf
+
+
+#: Integer units per 1.0 of a :data:`CanonicalKey` (millionths: :data:`KEY_DECIMALS` places).
+KEY_SCALE = 10**KEY_DECIMALS
+#: ``(r, c)`` in :data:`KEY_SCALE` units: the exact, hashable identity of a canonical preference.
+CanonicalKey = tuple[tuple[int, ...], int]
+
+
+def canonical_key(pref: Preference) -> CanonicalKey:
+    """``(r, c)`` of :meth:`Preference.key` (6 decimals) as integers: exact, hashable."""
+    r, c = pref.key()
+    return tuple(round(v * KEY_SCALE) for v in r), round(c * KEY_SCALE)
+
+
+def preference_of_key(key: CanonicalKey) -> Preference:
+    """The canonical preference of ``key``, used as-is (not normalized again), so that
+    ``canonical_key(preference_of_key(k)) == k``: a fixed point, hence no drift through ids."""
+    r, c = key
+    return Preference(r=tuple(v / KEY_SCALE for v in r), c=c / KEY_SCALE)
+
+
+def canonicalize(r: Any, c: Any, tasks: Sequence[str]) -> tuple[Preference, CanonicalKey]:
+    """Validate ``(r, c)`` (:func:`normalize_preference`) and round it to the canonical
+    preference: preferences with one key are one preference, with one tree, BN deltas and
+    outputs, wherever they were parsed (the server, an id, a router that has no weights)."""
+    key = canonical_key(normalize_preference(r, c, tasks))
+    return preference_of_key(key), key
 
 
 def simplex_grid_size(n_tasks: int, resolution: int) -> int:

@@ -34,6 +34,8 @@ from .metrics import Metrics
 log = logging.getLogger("dymu.service")
 
 INPUT_NAME = "image"
+#: Eager torch on the CPU with channels-last tensors (oneDNN's preferred layout for convs).
+CHANNELS_LAST = "torch-cl"
 _PREFIX = "net."
 
 
@@ -47,6 +49,8 @@ def onnx_available() -> bool:
 
 
 def resolve_backend(name: str) -> str:
+    """The backend to build runners for; ``auto`` starts on ONNX Runtime when installed and is
+    settled by :func:`measure_backends` at warm-up."""
     if name == "auto":
         return "onnx" if onnx_available() else "torch"
     if name == "onnx" and not onnx_available():
@@ -119,23 +123,42 @@ class OnnxSession:
         self.weight_names = [i.name for i in self.session.get_inputs() if i.name != INPUT_NAME]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.nbytes = len(data)
+        # (input name, storage, version) -> (tensor, OrtValue): shared weights converted once
+        self._shared: OrderedDict[tuple[str, int, int], tuple[torch.Tensor, Any]] = OrderedDict()
+        self._max_shared = 2 * len(self.weight_names)
+        self._lock = threading.Lock()
 
     def weights(self, net: MaterializedModel) -> dict[str, Any]:
-        """``OrtValue`` per weight input, from ``net``'s folded parameters."""
+        """``OrtValue`` per weight input, from ``net``'s folded parameters.
+
+        Preferences of one tree share every tensor but their adapted convolutions
+        (:class:`dymu.materialize.Skeleton`), so the ``OrtValue`` of a shared tensor is made once
+        per session and reused: a switch feeds only the weights that changed.
+        """
         import onnxruntime as ort
 
-        state = {_PREFIX + k: v for k, v in net.state_dict().items()}
+        state = {_PREFIX + k: v for k, v in net.named_parameters()}
+        state.update((_PREFIX + k, v) for k, v in net.named_buffers())
         missing = [n for n in self.weight_names if n not in state]
         if missing:
             raise RuntimeError(f"the ONNX graph needs weights the module lacks: {missing[:3]}")
-        return {
-            n: ort.OrtValue.ortvalue_from_numpy(
-                state[n].detach().float().cpu().contiguous().numpy(),
-                self.ort_device,
-                self.device_id,
-            )
-            for n in self.weight_names
-        }
+        with self._lock:
+            return {n: self._ort_value(n, state[n], ort) for n in self.weight_names}
+
+    def _ort_value(self, name: str, t: torch.Tensor, ort: Any) -> Any:
+        # LRU: the tree's shared tensors are hit by every preference and stay; a preference's
+        # own tensors age out. An entry holds its tensor, so its storage (the key) stays its own.
+        key = (name, t.data_ptr(), t._version)
+        found = self._shared.get(key)
+        if found is not None:
+            self._shared.move_to_end(key)
+            return found[1]
+        arr = t.detach().float().cpu().contiguous().numpy()
+        value = ort.OrtValue.ortvalue_from_numpy(arr, self.ort_device, self.device_id)
+        self._shared[key] = (t, value)
+        while len(self._shared) > self._max_shared:
+            self._shared.popitem(last=False)
+        return value
 
     def run(self, x: np.ndarray, weights: dict[str, Any]) -> list[np.ndarray]:
         binding = self.session.io_binding()
@@ -215,7 +238,7 @@ class Runner:
         pool: OnnxPool | None,
     ) -> None:
         self.device = device
-        if device.type == "cuda":
+        if device.type == "cuda" or backend == CHANNELS_LAST:
             net = net.to(device=device, memory_format=torch.channels_last)
         self.net = net
         self.tasks = net.tasks
@@ -301,8 +324,37 @@ class Runner:
                 torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
             else:
+                if self.backend == CHANNELS_LAST:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 out = self.net(x)
                 dt = time.perf_counter() - t0
             arrays = {k: v.float().cpu().numpy() for k, v in out.items()}
-        return arrays, "torch", dt
+        return arrays, CHANNELS_LAST if self.backend == CHANNELS_LAST else "torch", dt
+
+
+def measure_backends(
+    net: MaterializedModel,
+    x: torch.Tensor,
+    device: torch.device,
+    pool: OnnxPool | None,
+    rounds: int = 5,
+) -> dict[str, float]:
+    """Median seconds of one batch ``x`` through ``net`` per candidate backend: eager torch,
+    channels-last torch (CPU) and ONNX Runtime (when a pool is given). Candidates run on
+    copies, so ``net`` is left as it is; runs alternate between candidates so that a burst of
+    load on a shared machine hits them alike."""
+    runners = {"torch": Runner(clone_module(net), device, "torch", None)}
+    if device.type == "cpu":
+        runners[CHANNELS_LAST] = Runner(clone_module(net), device, CHANNELS_LAST, None)
+    if pool is not None:
+        onnx = Runner(net, device, "onnx", pool)
+        if onnx.wait_onnx(timeout=300):
+            runners["onnx"] = onnx
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for runner in runners.values():
+        runner.run(x)  # first run: allocation, oneDNN primitive creation
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name].append(runner.run(x)[2])
+    return {name: float(np.median(ts)) for name, ts in samples.items()}

@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             "device": args.device,
             "backend": args.backend,
             "log_level": args.log_level,
+            "exit_on_load_error": False if args.stay_up_on_load_error else None,
         }.items()
         if v is not None
     }
@@ -99,11 +100,18 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnx"),
+        choices=("auto", "torch", "torch-cl", "onnx"),
         default=None,
-        help="auto = onnx when onnxruntime is installed, else torch ($DYMU_BACKEND)",
+        help="auto = the fastest of torch, torch-cl (channels-last) and onnx, measured at "
+        "warm-up on the default tree ($DYMU_BACKEND)",
     )
     p.add_argument("--log-level", default=None, help="uvicorn log level (default info)")
+    p.add_argument(
+        "--stay-up-on-load-error",
+        action="store_true",
+        help="when the artifact fails to load or verify at start, stay up (live, not ready) "
+        "instead of exiting non-zero ($DYMU_EXIT_ON_LOAD_ERROR=false)",
+    )
     p.add_argument(
         "--engine",
         choices=("uvicorn", "ray"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,8 @@ from dymu.errors import (
     TaskError,
     validation_message,
 )
+
+from .schemas import ErrorBody
 
 log = logging.getLogger("dymu.service")
 
@@ -58,6 +61,14 @@ class ReplicaFailedError(ServiceError):
 
 class RequestTimeoutError(ServiceError):
     """The prediction did not finish within the per-request timeout (504)."""
+
+
+class RequestReadTimeoutError(ServiceError):
+    """The client sent the body too slowly (408; the connection is closed)."""
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client went away before its request was read (nothing is answered)."""
 
 
 class PayloadTooLargeError(ServiceError):
@@ -108,6 +119,8 @@ STATUS: dict[type[BaseException], int] = {
     OverloadedError: 503,
     ReplicaFailedError: 503,
     RequestTimeoutError: 504,
+    RequestReadTimeoutError: 408,
+    ClientDisconnectedError: 499,  # nginx's code: logged and counted, never seen by a client
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     BadImageError: 422,
@@ -116,6 +129,21 @@ STATUS: dict[type[BaseException], int] = {
     AdminDisabledError: 404,
     UnauthorizedError: 401,
     ForbiddenError: 403,
+}
+
+
+#: The OpenAPI ``responses`` of the endpoints that take user input.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        404: "unknown preference id (another model version)",
+        408: "the body was sent too slowly",
+        413: "body or image too large",
+        415: "not a PNG or JPEG image / unsupported body type",
+        422: "invalid preference, task, id, image or field (unknown or given twice)",
+        503: "not ready, draining, or full (Retry-After)",
+        504: "the request ran past the per-request timeout",
+    }.items()
 }
 
 

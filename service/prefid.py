@@ -9,9 +9,9 @@ any replica serving the same model version, which rebuilds the preference from t
     │  └ r in millionths (dymu.preference.KEY_DECIMALS = 6 places), one per task
     └ model version
 
-The canonical preference is the one :meth:`dymu.Preference.key` rounds to (6 decimals), used
-as-is (not normalized again, so it is a fixed point): a POSTed preference and the preference
-decoded from its id are the same object, hence the same tree, BN deltas and outputs.
+What the canonical preference is, is decided by :func:`dymu.preference.canonicalize` alone
+(6 decimals, a fixed point): a POSTed preference and the preference decoded from its id are the
+same object, hence the same tree, BN deltas and outputs. This module only spells keys as ids.
 """
 
 from __future__ import annotations
@@ -22,43 +22,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dymu.errors import PreferenceError
-from dymu.preference import KEY_DECIMALS, Preference, normalize_preference
+from dymu.preference import KEY_SCALE as SCALE
+from dymu.preference import CanonicalKey, Preference, canonicalize, preference_of_key
 
 from .errors import BadRequestError, MalformedPreferenceIdError, UnknownPreferenceIdError
 
-SCALE = 10**KEY_DECIMALS
 _ID = re.compile(
     r"^(?P<version>[A-Za-z0-9.]{1,32})_(?P<r>[0-9]{1,7}(?:-[0-9]{1,7}){0,63})"
     r"_(?P<c>[0-9]{1,7})_(?P<check>[0-9a-f]{8})$"
 )
 EXAMPLE = "v1_333333-333333-333333_0_1a2b3c4d"
-CanonicalKey = tuple[tuple[int, ...], int]
-
-
-def _units(x: float) -> int:
-    return round(x * SCALE)
-
-
-def canonical_key(pref: Preference) -> CanonicalKey:
-    """(r, c) in millionths, from the core's canonical rounding :meth:`Preference.key`."""
-    r, c = pref.key()
-    return tuple(_units(v) for v in r), _units(c)
-
-
-def canonical_preference(key: CanonicalKey) -> Preference:
-    r, c = key
-    return Preference(r=tuple(v / SCALE for v in r), c=c / SCALE)
-
-
-def canonicalize(r: Any, c: Any, tasks: Sequence[str]) -> tuple[Preference, CanonicalKey]:
-    """Validate (r, c) with the core's validator and return the canonical preference and key."""
-    try:
-        pref = normalize_preference(r, c, tasks)
-    except OverflowError as exc:  # math.fsum of huge weights; the core does not catch it
-        raise PreferenceError(f"r is too large to normalize: {exc}") from exc
-    key = canonical_key(pref)
-    return canonical_preference(key), key
 
 
 def _version_token(version: str | None) -> str:
@@ -112,7 +85,7 @@ def decode(
             f"{sum(r_units) / SCALE}, not 1"
         )
     key = (r_units, c_units)
-    return canonical_preference(key), key
+    return preference_of_key(key), key
 
 
 @dataclass(frozen=True)

@@ -31,31 +31,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
 from dymu.store import read_manifest, resolve
 
 from . import errors
-from .app import HEADER_PREFIX, create_app, parse_r_text
-from .errors import OverloadedError, PayloadTooLargeError, ReplicaFailedError, RequestTimeoutError
+from .app import create_app
+from .errors import OverloadedError, ReplicaFailedError, RequestTimeoutError, ServiceError
+from .parsing import (
+    check_declared_length,
+    loads,
+    parse_predict,
+    read_limited,
+    replayed,
+    validated,
+)
 from .prefid import PreferenceIds
+from .schemas import CACHE_HEADER, HEADER_PREFIX, PreferenceIn
 from .settings import Settings
 
 log = logging.getLogger("dymu.service")
 
 REPLICA_HEADER = HEADER_PREFIX + "Replica"
-CACHE_HEADER = HEADER_PREFIX + "Cache"
 # Not forwarded between the ingress and a replica: they describe one hop, not the request.
 _HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
@@ -155,7 +160,7 @@ class DymuIngress:
         s = self.settings
         try:
             body = await self._body(request)
-        except PayloadTooLargeError as exc:
+        except ServiceError as exc:  # too large, or a Content-Length that is not a number
             return errors.error_response(exc)
         pref_id = await self.preference_id(request, body)
         handle = self.replicas.options(multiplexed_model_id=pref_id) if pref_id else self.replicas
@@ -195,20 +200,8 @@ class DymuIngress:
     async def _body(self, request: Request) -> bytes:
         """The body, up to ``max_body_bytes`` (413 beyond, as the app's own gate answers)."""
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(
-                f"the body has at least {int(declared):,} bytes; the limit is {limit:,}"
-            )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(
-                    f"the body has at least {size:,} bytes; the limit is {limit:,}"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        check_declared_length(request.headers.get("content-length"), limit)
+        return await read_limited(request.stream(), limit)
 
     async def preference_id(self, request: Request, body: bytes) -> str | None:
         """The id of the preference a request needs (None: none, or not derivable: the replica
@@ -216,12 +209,11 @@ class DymuIngress:
         method, path = request.method, request.url.path
         try:
             if method == "POST" and path == "/predict":
-                fields = await _predict_fields(request, body)
-                pid, r, c = (fields.get(k) for k in ("preference_id", "r", "c"))
-                _, key = self.ids.select(pid, r, c)
+                fields = (await parse_predict(replayed(request, body))).fields
+                _, key = self.ids.select(fields.preference_id, fields.r, fields.c)
             elif method == "POST" and path == "/preference":
-                fields = json.loads(body)
-                _, key = self.ids.parse(fields["r"], fields.get("c"))
+                pref = validated(PreferenceIn, loads(body))
+                _, key = self.ids.parse(pref.r, pref.c)
             elif method == "GET" and path.startswith("/preference/"):
                 _, key = self.ids.decode(path.removeprefix("/preference/"))
             else:
@@ -229,28 +221,6 @@ class DymuIngress:
         except Exception:
             return None
         return self.ids.encode(key)
-
-
-async def _predict_fields(request: Request, body: bytes) -> Mapping[str, Any]:
-    """preference_id, r and c of a /predict body (JSON or multipart), read as the app reads
-    them; the image is not decoded."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        fields: dict[str, Any] = {}
-        async with Request(request.scope, receive).form(max_files=2, max_fields=32) as form:
-            for name in ("preference_id", "r", "c"):
-                value = form.get(name)
-                if isinstance(value, str) and value != "":
-                    fields[name] = parse_r_text(value) if name == "r" else value
-                elif isinstance(value, UploadFile):
-                    raise ValueError(f"{name} is a file")
-        return fields
-    fields = json.loads(body) if body else {}
-    return fields if isinstance(fields, dict) else {}
 
 
 # ----------------------------------------------------------------------------- application

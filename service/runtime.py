@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from dymu.preference import (
 )
 
 from . import prefid
-from .backends import OnnxPool, Runner, resolve_backend
+from .backends import OnnxPool, Runner, measure_backends, resolve_backend
 from .errors import BadRequestError
 from .imaging import normalization_for, to_tensor
 from .metrics import Metrics
@@ -71,6 +71,13 @@ class Output:
     batch_size: int
 
 
+class TaskSubset(NamedTuple):
+    """A request's task subset, resolved once: stream indices (ascending) and their names."""
+
+    indices: tuple[int, ...]
+    names: tuple[str, ...]
+
+
 def cost_out(cost: Cost, anchor: Cost, hw: tuple[int, int]) -> CostOut:
     return CostOut(
         input_size=list(hw),
@@ -100,11 +107,14 @@ class LoadedModel:
         self.task_specs = {t.name: t for t in model.config.tasks}
         self.device = model.device
         self.backend = resolve_backend(settings.backend)
+        #: seconds of one batch per candidate backend, when ``--backend auto`` measured them
+        self.backend_times: dict[str, float] | None = None
         self.mean, self.std, self.norm_source = normalization_for(
             m, settings.input_mean, settings.input_std
         )
         self.input_size: tuple[int, int] = tuple(model.input_size)
         self.anchor_cost = model.anchor_cost()
+        self.all_tasks = self.subset(None)
         self.pool = (
             OnnxPool(
                 self.device,
@@ -145,8 +155,13 @@ class LoadedModel:
     def decode_id(self, pref_id: str) -> tuple[Preference, prefid.CanonicalKey]:
         return self.ids.decode(pref_id)
 
-    def task_indices(self, tasks: Any) -> tuple[int, ...]:
-        return resolve_tasks(tasks, self.tasks)
+    def subset(self, tasks: Any) -> TaskSubset:
+        """Resolve a task subset (names; None = all) once; the request carries the result."""
+        idx = resolve_tasks(tasks, self.tasks)
+        return TaskSubset(idx, tuple(self.tasks[i] for i in idx))
+
+    def cost(self, arch: Architecture, hw: tuple[int, int], subset: TaskSubset) -> Cost:
+        return self.model.cost_model.architecture_cost(arch, hw, subset.indices)
 
     # -- building (blocking; called on worker threads) ------------------------------------------
     def build_entry(self, pref: Preference, key: prefid.CanonicalKey) -> PreferenceEntry:
@@ -157,7 +172,6 @@ class LoadedModel:
         runner = Runner(net, self.device, self.backend, self.pool)
         dt = time.perf_counter() - t0
         self.metrics.materialize_seconds.observe(dt)
-        all_tasks = tuple(range(len(self.tasks)))
         return PreferenceEntry(
             preference=pref,
             key=key,
@@ -165,26 +179,25 @@ class LoadedModel:
             architecture=net.architecture,
             cost=net.cost(),
             compute_s=dt,
-            runners={all_tasks: runner},
+            runners={self.all_tasks.indices: runner},
         )
 
-    def runner(self, entry: PreferenceEntry, task_idx: tuple[int, ...]) -> Runner:
+    def runner(self, entry: PreferenceEntry, subset: TaskSubset) -> Runner:
         """The entry's runner for a task subset (materialized on first use: only its paths)."""
-        found = entry.runners.get(task_idx)
+        found = entry.runners.get(subset.indices)
         if found is not None:
             return found
         with entry.lock:
-            found = entry.runners.get(task_idx)
+            found = entry.runners.get(subset.indices)
             if found is None:
                 t0 = time.perf_counter()
-                names = [self.tasks[i] for i in task_idx]
                 with torch.no_grad():
                     net = self.model.materialize(
-                        entry.preference, None, names, architecture=entry.architecture
+                        entry.preference, None, subset.names, architecture=entry.architecture
                     )
                 found = Runner(net, self.device, self.backend, self.pool)
                 self.metrics.materialize_seconds.observe(time.perf_counter() - t0)
-                entry.runners[task_idx] = found
+                entry.runners[subset.indices] = found
         return found
 
     def cost_map(self, c: Any, resolution: int, tasks: Any = None) -> CostMap:
@@ -196,8 +209,7 @@ class LoadedModel:
         """
         t0 = time.perf_counter()
         normalize_c(c)  # the reason for a bad c, before the grid is built
-        task_idx = self.task_indices(tasks)
-        names = [self.tasks[i] for i in task_idx]
+        subset = self.subset(tasks)
         n = len(self.tasks)
         size = simplex_grid_size(n, resolution)
         if size > MAX_COST_MAP_POINTS:
@@ -211,7 +223,7 @@ class LoadedModel:
         points = []
         for pref, arch in zip(prefs, archs):
             if arch.id not in costs:
-                costs[arch.id] = self.model.cost(arch, self.input_size, names)
+                costs[arch.id] = self.cost(arch, self.input_size, subset)
             cost = costs[arch.id]
             points.append(
                 CostMapPoint(
@@ -221,7 +233,7 @@ class LoadedModel:
                     params=cost.params,
                     fraction_of_anchor_flops=cost.flops / self.anchor_cost.flops,
                     architecture_id=arch.id,
-                    n_used_nodes=arch.num_used_nodes(task_idx),
+                    n_used_nodes=arch.num_used_nodes(subset.indices),
                 )
             )
         gflops = [p.gflops for p in points]
@@ -231,7 +243,7 @@ class LoadedModel:
             c=prefs[0].c,
             resolution=resolution,
             tasks=list(self.tasks),
-            subset=names,
+            subset=list(subset.names),
             input_size=list(self.input_size),
             anchor_flops=self.anchor_cost.flops,
             anchor_params=self.anchor_cost.params,
@@ -258,8 +270,15 @@ class LoadedModel:
         return [Output({k: v[i] for k, v in arrays.items()}, backend, dt, n) for i in range(n)]
 
     def warm_up(self, entry: PreferenceEntry) -> dict[str, float]:
-        """Run the default sub-network once per backend at the model's input size."""
-        runner = entry.runners[tuple(range(len(self.tasks)))]
+        """Run the default sub-network on every backend it may use (seconds per backend).
+
+        With ``--backend auto`` this is where the backend is chosen: each candidate is timed on
+        the default tree at the largest batch the server forms and the model's input size, and
+        the fastest serves from now on (:attr:`backend_times` keeps the measurement)."""
+        runner = entry.runners[self.all_tasks.indices]
+        if self.settings.backend == "auto":
+            self.select_backend(entry)
+            return dict(self.backend_times or {})
         x = torch.zeros(1, self.model.config.in_channels, *self.input_size)
         times = {}
         _, backend, dt = runner.run(x)
@@ -268,6 +287,24 @@ class LoadedModel:
             _, backend, dt = runner.run(x)
             times[backend] = dt
         return times
+
+    def select_backend(self, entry: PreferenceEntry) -> str:
+        """Time the candidates (:func:`~service.backends.measure_backends`), keep the fastest
+        and rebuild the entry's runner for it."""
+        net = entry.runners[self.all_tasks.indices].net
+        batch = self.settings.max_batch_size
+        x = torch.zeros(batch, self.model.config.in_channels, *self.input_size)
+        self.backend_times = measure_backends(net, x, self.device, self.pool)
+        self.backend = min(self.backend_times, key=self.backend_times.__getitem__)
+        log.info(
+            "backend auto: %s (batch %d at %s: %s)",
+            self.backend,
+            batch,
+            "x".join(map(str, self.input_size)),
+            {k: f"{v * 1e3:.1f} ms" for k, v in self.backend_times.items()},
+        )
+        entry.runners = {self.all_tasks.indices: Runner(net, self.device, self.backend, self.pool)}
+        return self.backend
 
     # -- descriptions ---------------------------------------------------------------------------
     def architecture_out(self, arch: Architecture) -> ArchitectureOut:

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
+#: Response headers of the service are X-Dymu-<Name>.
+HEADER_PREFIX = "X-Dymu-"
+#: "hit" when the request's sub-network came from this process's preference cache, else "miss".
+CACHE_HEADER = HEADER_PREFIX + "Cache"
+NPZ_MEDIA_TYPE = "application/x-npz"
+
+# r and c are validated by the core (dymu.preference.canonicalize), not by pydantic, so that
+# the HTTP layer accepts exactly what dymu.Preference accepts (pydantic's lax mode would turn
+# true or "1" into 1.0); the annotation still documents the type in the OpenAPI schema.
 Weights = list[float] | dict[str, float]
+RawWeights = SkipValidation[Weights]
+RawNumber = SkipValidation[float]
+
 OutputFormat = Literal["json", "npz"]
 
 R_DESCRIPTION = (
@@ -20,16 +32,17 @@ class PreferenceIn(BaseModel):
     """A preference (r, c)."""
 
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"r": [0.6, 0.3, 0.1], "c": 0.3},
                 {"r": {"depth": 2, "normals": 1}, "c": 0.0},
             ]
-        }
+        },
     )
 
-    r: Weights = Field(description=R_DESCRIPTION)
-    c: float = Field(0.0, description=C_DESCRIPTION)
+    r: RawWeights = Field(description=R_DESCRIPTION)
+    c: RawNumber = Field(0.0, description=C_DESCRIPTION)
 
 
 class ArchitectureOut(BaseModel):
@@ -108,18 +121,19 @@ class PredictJSON(BaseModel):
     """A prediction request as JSON: the image as base64 (plain or a data URL)."""
 
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"image": "<base64 PNG or JPEG>", "preference_id": None, "format": "json"},
                 {"image": "<base64 PNG>", "r": [1, 0, 0], "c": 0.5, "tasks": ["segmentation"]},
             ]
-        }
+        },
     )
 
     image: str = Field(description="PNG or JPEG, base64")
     preference_id: str | None = Field(None, description="from POST /preference")
-    r: Weights | None = Field(None, description=R_DESCRIPTION + " Inline, instead of an id.")
-    c: float | None = Field(None, description=C_DESCRIPTION + " With r; default 0.")
+    r: RawWeights | None = Field(None, description=R_DESCRIPTION + " Inline, instead of an id.")
+    c: RawNumber | None = Field(None, description=C_DESCRIPTION + " With r; default 0.")
     tasks: list[str] | None = Field(None, description="task subset (default: all)")
     format: OutputFormat = Field("json", description="json (PNG maps) or npz (float32 arrays)")
 
@@ -171,6 +185,11 @@ class ModelInfo(BaseModel):
     input_normalization: dict[str, Any]
     device: str
     backend: str
+    backend_times_ms: dict[str, float] | None = Field(
+        None,
+        description="--backend auto: ms of one batch (max_batch_size, input size) per candidate "
+        "backend, measured at warm-up; the fastest serves",
+    )
     default_preference_id: str
     cache: dict[str, int]
     batching: dict[str, float]

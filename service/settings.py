@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Backend = Literal["auto", "torch", "onnx"]
+Backend = Literal["auto", "torch", "torch-cl", "onnx"]
 
 
 class Settings(BaseSettings):
@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:<i>")
     backend: Backend = Field(
-        "auto", description="auto = onnx when onnxruntime is installed, else torch"
+        "auto",
+        description="auto = the fastest of torch, torch-cl (channels-last) and onnx, measured "
+        "at warm-up on the default tree",
     )
     log_level: str = "info"
 
@@ -40,6 +42,11 @@ class Settings(BaseSettings):
     )
     default_c: float = Field(0.0, description="default frugality c in [0, 1]")
     warmup: bool = Field(True, description="run one prediction before reporting ready")
+    exit_on_load_error: bool = Field(
+        True,
+        description="exit (non-zero, one line naming the file) when the artifact fails to load "
+        "or verify at start; false: stay up, live but not ready",
+    )
 
     # -- preference cache -----------------------------------------------------------------------
     cache_max_entries: int = Field(64, ge=1, description="preferences kept (LRU)")
@@ -57,6 +64,18 @@ class Settings(BaseSettings):
     onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
     onnx_max_sessions: int = Field(32, ge=1, description="ONNX sessions kept (one per tree)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this (else closed)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's body must arrive within this (else 408, closed)"
+    )
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="on SIGTERM, how long in-flight requests may finish (None: the request "
+        "timeout + 5 s; never less than the request timeout)",
+    )
 
     # -- input limits ---------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger bodies: 413")
@@ -94,6 +113,11 @@ class Settings(BaseSettings):
         if v is not None and min(v) <= 0:
             raise ValueError("input_std must be positive")
         return v
+
+    @property
+    def drain_s(self) -> float:
+        """Seconds in-flight requests get after SIGTERM: at least the request timeout."""
+        return max(self.drain_timeout_s or self.request_timeout_s + 5.0, self.request_timeout_s)
 
     @field_validator("admin_token")
     @classmethod

@@ -23,7 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import dymu
-from dymu.preference import Preference
+from dymu.preference import Preference, canonicalize
 from service import prefid
 from service.cache import PreferenceCache
 from service.client import DymuAPIError, DymuClient
@@ -134,19 +134,19 @@ def test_preference_id_is_canonical_reversible_and_checked():
     for i, (r, c) in enumerate(
         [([1, 1, 1], 0), ([0.6, 0.3, 0.1], 0.5), ([1e-9, 1, 0], 1.0), ({"depth": 2}, 0.25)]
     ):
-        pref, key = prefid.canonicalize(r, c, TASKS)
+        pref, key = canonicalize(r, c, TASKS)
         pid = prefid.encode(key, "tiny", "v1")
         back, key2 = prefid.decode(pid, TASKS, "tiny", "v1")
         assert key2 == key and back == pref, i
         assert prefid.encode(key2, "tiny", "v1") == pid  # a fixed point: no drift
         assert abs(sum(back.r) - 1) <= 3e-6
     # scaling r does not change the id; the dict form counts missing tasks as 0
-    ids = {prefid.encode(prefid.canonicalize(r, 0.3, TASKS)[1], "m", "v1") for r in
+    ids = {prefid.encode(canonicalize(r, 0.3, TASKS)[1], "m", "v1") for r in
            ([2, 4, 6], [1, 2, 3], {"segmentation": 1, "depth": 2, "normals": 3})}  # fmt: skip
     assert len(ids) == 1
-    pid = prefid.encode(prefid.canonicalize([1, 2, 3], 0.3, TASKS)[1], "m", "v1")
+    pid = prefid.encode(canonicalize([1, 2, 3], 0.3, TASKS)[1], "m", "v1")
     with pytest.raises(UnknownPreferenceIdError, match="v2"):
-        prefid.decode(prefid.encode(prefid.canonicalize([1, 2, 3], 0.3, TASKS)[1], "m", "v2"),
+        prefid.decode(prefid.encode(canonicalize([1, 2, 3], 0.3, TASKS)[1], "m", "v2"),
                       TASKS, "m", "v1")  # fmt: skip
     with pytest.raises(MalformedPreferenceIdError, match="checksum"):
         prefid.decode(pid, TASKS, "other-model", "v1")
@@ -171,7 +171,7 @@ def test_preference_id_values_are_validated_by_the_core():
     with pytest.raises(MalformedPreferenceIdError, match="not canonical"):
         prefid.decode(forge([1, 1, 1], 0), TASKS, "m", "v1")
     with pytest.raises(dymu.PreferenceError, match="too large"):
-        prefid.canonicalize([1e308, 1e308, 1e308], 0, TASKS)
+        canonicalize([1e308, 1e308, 1e308], 0, TASKS)
 
 
 def test_normalization_table_matches_the_training_datasets():
@@ -578,6 +578,8 @@ def test_openapi_documents_both_predict_bodies(client):
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert "image" in body["multipart/form-data"]["schema"]["required"]
     pref = schema["paths"]["/preference"]["post"]["requestBody"]["content"]["application/json"]
-    ref = pref["schema"]["$ref"].rsplit("/", 1)[-1]
-    assert schema["components"]["schemas"][ref].get("examples")
+    assert pref["schema"].get("examples")
+    # unknown fields are refused, and the schema says so
+    assert pref["schema"]["additionalProperties"] is False
+    assert body["multipart/form-data"]["schema"]["additionalProperties"] is False
     assert json.dumps(schema)  # serializable

@@ -294,7 +294,9 @@ def test_readiness_before_and_after_warm_up(store, monkeypatch):
 def test_a_broken_artifact_never_becomes_ready(tmp_path):
     bad = save_tiny(tmp_path, "broken")
     (bad / "v1" / "anchor.safetensors").write_bytes(b"tampered")
-    with running(bad, wait=False) as srv, DymuClient(srv.url) as client:
+    # exit_on_load_error=False: stay up, live but not ready (the default exits: that is
+    # tests/test_service_strict.py's test_a_corrupt_artifact_stops_dymu_serve_with_one_line)
+    with running(bad, wait=False, exit_on_load_error=False) as srv, DymuClient(srv.url) as client:
         deadline = time.monotonic() + WAIT
         while (state := client.ready()).status != "failed":
             assert time.monotonic() < deadline

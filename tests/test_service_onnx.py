@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import dymu
+from dymu.preference import canonicalize
 from service import prefid
 from service.client import DymuClient
 from service.server import BackgroundServer
@@ -92,7 +93,7 @@ def test_preferences_with_the_same_tree_share_one_session(client, model):
     by_tree: dict[str, list] = {}
     for k in range(60):
         r = [(k * 7) % 5 + 0.5, (k * 3) % 4 + 0.5, k % 3 + 0.5]
-        pref, key = prefid.canonicalize(r, (k % 10) / 9, TASKS)
+        pref, key = canonicalize(r, (k % 10) / 9, TASKS)
         by_tree.setdefault(model.architecture(pref).id, []).append(key)
     key_a, key_b = next(keys for keys in by_tree.values() if len(keys) >= 2)[:2]
     pid_a = prefid.encode(key_a, info.name, info.version)
@@ -113,3 +114,18 @@ def test_preferences_with_the_same_tree_share_one_session(client, model):
     samples = metric_samples(client.metrics())
     assert metric_value(samples, "dymu_onnx_export_seconds_count") >= 2
     assert metric_value(samples, "dymu_model_inference_seconds_count", backend="onnx") >= 2
+
+
+def test_backend_auto_serves_the_fastest_measured_backend(store):
+    """--backend auto times eager torch, channels-last torch and ONNX Runtime on the default
+    tree at warm-up (batch max_batch_size) and serves the fastest; /v1/model shows both."""
+    with running(store, backend="auto", max_batch_size=2) as srv, DymuClient(srv.url) as client:
+        info = client.model()
+        times = info.backend_times_ms
+        assert times is not None and set(times) == {"torch", "torch-cl", "onnx"}
+        assert all(t > 0 for t in times.values())
+        assert info.backend == min(times, key=times.__getitem__)
+        res = client.predict(random_image(5), format="npz")
+        assert res.metrics.backend == info.backend
+    with running(store, backend="torch") as srv, DymuClient(srv.url) as client:
+        assert client.model().backend_times_ms is None  # a fixed backend is not measured

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import dymu
-from service import prefid
+from dymu.preference import canonicalize
 from service.settings import Settings
 
 from .test_service import TASKS, png, random_image, reference, save_tiny
@@ -79,7 +79,7 @@ def test_each_preference_gets_its_own_sub_network(url, store):
         rgb = random_image(7)
         refs, outs = [], []
         for r, c in PREFERENCES:
-            pref, _ = prefid.canonicalize(r, c, TASKS)
+            pref, _ = canonicalize(r, c, TASKS)
             record = type("Record", (), {"r": pref.r, "c": pref.c})
             refs.append(reference(model, record, rgb, norm))
             resp = predict(client, r, c, fmt="npz", seed=7)

@@ -2,9 +2,10 @@
 
 Parts (each round uses a new random preference, so nothing is cached by accident):
 
-* ``hypernets``: edge hypernet -> arg-max tree, weight hypernet -> BN deltas of its used nodes;
-* ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + copy of
-  the used nodes + BN deltas + folding;
+* ``hypernets``: ``model.controller``: edge hypernet -> arg-max tree and the weight hypernet's
+  features, in one pass (the BN deltas themselves are one matmul inside the folding);
+* ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + the
+  tree's skeleton (kept per tree) + BN deltas + folding of the adapted convs;
 * ``onnx weights``: feeding a preference's folded weights to its tree's existing ONNX session
   (``OnnxSession.weights``: what a switch adds when the tree was seen before);
 * ``onnx export + session``: a tree seen for the first time (``export_onnx`` + ``OnnxSession``,
@@ -32,6 +33,8 @@ from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 
 PARTS = ("hypernets", "materialize", "onnx weights", "cache hit")
+#: Issue 15, item 1: ``model.materialize`` for a new preference / one torch predict of its tree.
+MATERIALIZE_GOALS = {"96x128": 0.25, "288x384": 0.1}
 
 
 def served_preference(n: int) -> tuple[list[float], float]:
@@ -53,7 +56,7 @@ def onnx_ok() -> bool:
 
 
 def measure_size(ctx: Context, size: str) -> dict[str, Any]:
-    from service import prefid
+    from dymu.preference import canonicalize
     from service.backends import OnnxSession, export_onnx
     from service.cache import PreferenceCache
 
@@ -64,21 +67,20 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         net = model.materialize(r, c)
     prefs = itertools.cycle(random_preferences(model.n_tasks, 64, cfg.seed))
 
-    def hypernets() -> None:
+    def hypernets() -> None:  # both hypernets, as materialize runs them (one pass)
         pr, pc = next(prefs)
-        arch = model.architecture(pr, pc)
-        model.bn_deltas(pr, pc, nodes=arch.node_list())
+        model.controller(model.preference(pr, pc))
 
     def switch() -> None:
         pr, pc = next(prefs)
         model.materialize(pr, pc)
 
     cache: PreferenceCache = PreferenceCache(64, 2**30)
-    _, key = prefid.canonicalize(r, c, model.tasks)
+    _, key = canonicalize(r, c, model.tasks)
     cache.put(key, SimpleNamespace(nbytes=0))
 
     def cache_hit() -> None:
-        _, k = prefid.canonicalize(r, c, model.tasks)
+        _, k = canonicalize(r, c, model.tasks)
         assert cache.get(k) is not None
 
     variants: dict[str, Any] = {
@@ -138,6 +140,10 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         "parts": {**parts, **{n: summarize(s) for n, s in parts_derived.items()}},
         "over_predict": ratios,
         "switch_over_predict": paired_ratio(switch_s, samples[served]),
+        "materialize_over_predict_torch": paired_ratio(
+            samples["materialize"], samples["predict torch"]
+        ),
+        "materialize_goal": MATERIALIZE_GOALS.get(size_label(hw)),
         "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
         "samples_s": samples,
     }
@@ -154,9 +160,12 @@ def run(ctx: Context) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     parts = []
     for s in result["sizes"]:
+        goal = s.get("materialize_goal")
         parts.append(
             f"**predict at {s['size']}, batch 1** (served backend: {s['served_backend']}; "
-            f"switch / predict = **{s['switch_over_predict']:.2f}**)\n"
+            f"switch / predict = **{s['switch_over_predict']:.2f}**; `model.materialize` / "
+            f"torch predict = **{s['materialize_over_predict_torch']:.3f}**"
+            + (f", goal <= {goal:g})\n" if goal is not None else ")\n")
         )
         rows = [
             [name, fmt(p["median_ms"], 3), fmt(s["over_predict"].get(name), 3)]

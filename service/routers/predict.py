@@ -1,0 +1,191 @@
+"""/predict: one image through the sub-network of a preference, within the request's deadline.
+
+The steps, each on the thread pool its work belongs to: parse the body (service/parsing.py),
+pick the preference and resolve the task subset once, decode the image, find or build the
+sub-network, queue the image for a batch, then compute the cost and encode the outputs. The
+deadline set by the gate (arrival + ``request_timeout_s``) covers all of them: past it the
+request is answered 504 and its queued image, if any, is dropped from the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..errors import ERROR_RESPONSES, RequestTimeoutError
+from ..imaging import decode_image, encode_npz, encode_task
+from ..parsing import PredictBody, parse_predict
+from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
+from ..schemas import (
+    CACHE_HEADER,
+    HEADER_PREFIX,
+    NPZ_MEDIA_TYPE,
+    Prediction,
+    PredictJSON,
+    RequestMetrics,
+)
+from ..state import Service, service_of
+
+router = APIRouter(tags=["predict"])
+Svc = Annotated[Service, Depends(service_of)]
+
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image"],
+    "additionalProperties": False,
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG or JPEG file"},
+        "preference_id": {"type": "string", "description": "from POST /preference"},
+        "r": {
+            "type": "string",
+            "description": "inline r: JSON list or {task: weight} map, or comma-separated",
+            "example": "[0.6, 0.3, 0.1]",
+        },
+        "c": {"type": "number", "description": "inline c in [0, 1] (with r; default 0)"},
+        "tasks": {
+            "type": "string",
+            "description": "comma-separated task subset (default: all)",
+            "example": "segmentation,depth",
+        },
+        "format": {"type": "string", "enum": ["json", "npz"], "default": "json"},
+    },
+}
+OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": MULTIPART_SCHEMA},
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+        },
+    }
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON with PNG maps, or an .npz of float32 arrays",
+        "content": {NPZ_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **ERROR_RESPONSES,
+}
+
+
+@dataclass
+class Served:
+    """What one prediction produced, before it is encoded."""
+
+    entry: PreferenceEntry
+    computed: bool
+    subset: TaskSubset
+    hw: tuple[int, int]
+    out: Output
+    queue_s: float
+
+
+@router.post("/predict", response_model=Prediction, responses=RESPONSES, openapi_extra=OPENAPI)
+async def predict(request: Request, svc: Svc) -> Response:
+    """Predict one image with the sub-network of a preference.
+
+    Send the image as a multipart file (`image`) or as JSON with base64. Pick the
+    preference by `preference_id`, inline `r` (and `c`), or nothing (the server default);
+    `tasks` restricts the run (and the reported cost) to a subset. `format=json` returns
+    PNG-encoded maps, `format=npz` float32 arrays. Metrics come in the body and as
+    `X-Dymu-*` headers.
+    """
+    state = request.scope.get("state", {})
+    t0 = state.get("t0", time.perf_counter())
+    deadline = state.get("deadline", t0 + svc.settings.request_timeout_s)
+    lm = svc.require_ready()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + (deadline - time.perf_counter())):
+            body = await parse_predict(request, svc.io)
+            served = await _serve(svc, lm, body)
+            return await _respond(svc, lm, body.fields, served, t0)
+    except TimeoutError:
+        svc.metrics.timeouts.inc()
+        raise RequestTimeoutError(
+            f"the request took longer than {svc.settings.request_timeout_s:g} s"
+        ) from None
+
+
+async def _serve(svc: Service, lm: LoadedModel, body: PredictBody) -> Served:
+    req = body.fields
+    pref, key = lm.ids.select(req.preference_id, req.r, req.c)
+    subset = lm.subset(req.tasks)
+
+    def decode() -> torch.Tensor:
+        return lm.image_tensor(decode_image(body.image_bytes(), svc.settings.max_pixels))
+
+    x = await svc.io(decode)
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    entry, computed = await svc.entry(lm, key, pref)
+    runner = await svc.runner(lm, entry, subset)
+    assert svc.batcher is not None
+    job = svc.batcher.submit((svc.generation, key, subset.indices, hw), (lm, runner, x))
+    # Cancelling the wait (the deadline) cancels the job's future: the batcher skips it.
+    out: Output = await job.future
+    queue_s = (job.started or job.enqueued) - job.enqueued
+    return Served(entry, computed, subset, hw, out, queue_s)
+
+
+async def _respond(
+    svc: Service, lm: LoadedModel, req: PredictJSON, s: Served, t0: float
+) -> Response:
+    names, specs = s.subset.names, lm.task_specs
+    # The cost and one PNG per task, encoded in parallel (zlib releases the GIL).
+    jobs = [svc.io(lm.cost, s.entry.architecture, s.hw, s.subset)]
+    if req.format == "json":
+        jobs += [
+            svc.io(encode_task, specs[t].kind, s.out.arrays[t], specs[t].classes) for t in names
+        ]
+    cost, *pngs = await asyncio.gather(*jobs)
+    svc.metrics.flops.inc(cost.flops)
+    metrics = RequestMetrics(
+        flops=cost.flops,
+        gflops=cost.gflops,
+        params=cost.params,
+        model_ms=round(s.out.model_s * 1e3, 3),
+        queue_ms=round(s.queue_s * 1e3, 3),
+        total_ms=round((time.perf_counter() - t0) * 1e3, 3),
+        batch_size=s.out.batch_size,
+        architecture_id=s.entry.architecture.id,
+        preference_id=s.entry.preference_id,
+        tasks=list(names),
+        input_size=list(s.hw),
+        device=str(lm.device),
+        backend=s.out.backend,
+    )
+    headers = metric_headers(metrics)
+    headers[CACHE_HEADER] = "miss" if s.computed else "hit"
+    if req.format == "npz":
+        arrays = {t: s.out.arrays[t] for t in names}
+        payload = await svc.io(encode_npz, arrays, metrics.model_dump())
+        return Response(payload, media_type=NPZ_MEDIA_TYPE, headers=headers)
+    body = Prediction(outputs=dict(zip(names, pngs)), metrics=metrics)
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+def metric_headers(m: RequestMetrics) -> dict[str, str]:
+    h = {
+        "Flops": str(m.flops),
+        "Params": str(m.params),
+        "Model-Time-Ms": f"{m.model_ms:.3f}",
+        "Queue-Time-Ms": f"{m.queue_ms:.3f}",
+        "Total-Time-Ms": f"{m.total_ms:.3f}",
+        "Batch-Size": str(m.batch_size),
+        "Architecture-Id": m.architecture_id,
+        "Preference-Id": m.preference_id,
+        "Tasks": ",".join(m.tasks),
+        "Device": m.device,
+        "Backend": m.backend,
+    }
+    out = {HEADER_PREFIX + k: v for k, v in h.items()}
+    out["Server-Timing"] = (
+        f"model;dur={m.model_ms:.3f}, queue;dur={m.queue_ms:.3f}, total;dur={m.total_ms:.3f}"
+    )
+    return out

@@ -1,0 +1,272 @@
+"""The state of one server and its lifecycle: load, warm up, serve, reload, drain, stop.
+
+:class:`Service` owns the settings, the metrics, the loaded model, the executors and the
+batcher. Start-up (the lifespan) schedules the load in the background, so ``/healthz`` answers
+at once and ``/readyz`` says 503 until the artifact is verified, the default preference is
+materialized and a warm-up prediction has run. Nothing blocking runs on the event loop:
+loading, materialization, image decoding and encoding run on worker threads and inference on
+the batcher's threads. Routers reach it through :func:`service_of`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+from fastapi import FastAPI, Request
+
+import dymu
+from dymu.errors import DymuError
+
+from .batching import Batcher
+from .errors import NotReadyError, OverloadedError
+from .metrics import Metrics
+from .runtime import LoadedModel, Output, PreferenceEntry, TaskSubset, cost_out
+from .schemas import PreferenceRecord
+from .settings import Settings
+
+log = logging.getLogger("dymu.service")
+T = TypeVar("T")
+
+
+class Service:
+    """State of one server: settings, metrics, the loaded model, executors and the batcher."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.current: LoadedModel | None = None
+        self.status = "starting"
+        self.detail: str | None = "the model has not been loaded yet"
+        self.generation = 0
+        self.batcher: Batcher | None = None
+        self.in_flight = 0  # /predict requests admitted and not yet answered
+        self._control: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._inference: ThreadPoolExecutor | None = None
+        self._load_task: asyncio.Task | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.current is not None
+
+    @property
+    def max_in_flight(self) -> int:
+        """/predict requests admitted at once: the queue plus what the workers run."""
+        s = self.settings
+        return s.max_queue + s.max_batch_size * s.inference_workers
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        self._control = ThreadPoolExecutor(2, thread_name_prefix="dymu-control")
+        self._io = ThreadPoolExecutor(
+            min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="dymu-io"
+        )
+        self._inference = ThreadPoolExecutor(s.inference_workers, thread_name_prefix="dymu-infer")
+        self._reload_lock = asyncio.Lock()
+        self.batcher = Batcher(
+            self._run_batch,
+            self._inference,
+            workers=s.inference_workers,
+            max_batch=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000.0,
+            max_queue=s.max_queue,
+            retry_after_s=s.retry_after_s,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        self._load_task = asyncio.get_running_loop().create_task(self._initial_load())
+
+    def drain(self) -> None:
+        """Stop admitting (SIGTERM): /readyz and new /predict calls answer 503 from now on;
+        requests already admitted run to completion (the server waits for them)."""
+        if self.status != "stopped":
+            self.status, self.detail = "draining", "the server is shutting down"
+            self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._load_task
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.current is not None:
+            self.current.close()
+        for ex in (self._control, self._io, self._inference):
+            if ex is not None:
+                ex.shutdown(wait=False, cancel_futures=True)
+        self.status, self.detail = "stopped", "the server is shutting down"
+        self.metrics.ready.set(0)
+
+    async def _initial_load(self) -> None:
+        try:
+            lm = await self._prepare()
+        except Exception as exc:
+            if isinstance(exc, DymuError):  # a bad artifact: the reason is the message
+                log.error("loading %s failed: %s", self.settings.model_dir, exc)
+            else:
+                log.exception("loading %s failed", self.settings.model_dir)
+            self.status, self.detail = "failed", f"loading the model failed: {exc}"
+            return
+        self._install(lm)
+
+    async def _prepare(self, initial: bool = True) -> LoadedModel:
+        """Load and verify the artifact, materialize the default preference, warm up.
+
+        On the initial load the steps show in /readyz; a reload keeps serving meanwhile.
+        """
+
+        def step(status: str, detail: str) -> None:
+            if initial:
+                self.status, self.detail = status, detail
+
+        step("loading", f"loading and verifying {self.settings.model_dir}")
+        lm = await self.control(LoadedModel.load, self.settings, self.metrics)
+        step("warming up", "materializing the default preference")
+        entry, _ = await self.entry(lm, lm.default_key, lm.default_preference, pin=True)
+        if self.settings.warmup:
+            step("warming up", "running the warm-up prediction")
+            times = await self.control(lm.warm_up, entry)
+            log.info("warm-up: %s", {k: f"{v * 1e3:.1f} ms" for k, v in times.items()})
+        return lm
+
+    def _install(self, lm: LoadedModel) -> None:
+        old, self.current = self.current, lm
+        self.generation += 1
+        if self.status != "draining":
+            self.status, self.detail = "ready", None
+            self.metrics.ready.set(1)
+        self.metrics.model_info.info(
+            {
+                "name": str(lm.name),
+                "version": str(lm.version),
+                "artifact_sha256": str(lm.checksum),
+                "tasks": ",".join(lm.tasks),
+                "device": str(lm.device),
+                "backend": lm.backend,
+            }
+        )
+        if old is not None:
+            old.close()
+
+    # -- executors ------------------------------------------------------------------------------
+    async def control(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the control threads (loading, materializing, cost maps)."""
+        return await asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the I/O threads (parsing, decoding and encoding images)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    # -- admission ------------------------------------------------------------------------------
+    def _not_ready(self) -> NotReadyError:
+        return NotReadyError(
+            f"the model is not ready ({self.status}: {self.detail})",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    def require_ready(self) -> LoadedModel:
+        """The model, for a request being handled; while draining, requests that arrived
+        before SIGTERM still get it (new ones are refused by :meth:`admit` and uvicorn)."""
+        lm = self.current
+        if lm is None or self.status not in ("ready", "draining"):
+            raise self._not_ready()
+        return lm
+
+    def admit(self) -> None:
+        """Admit one /predict request before its body is read, or refuse at once (503)."""
+        if self.current is None or self.status != "ready":
+            raise self._not_ready()
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.queue_rejections.inc()
+            raise OverloadedError(
+                f"the server is full ({self.in_flight} predictions in flight, the limit is "
+                f"{self.max_in_flight}); retry later",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    # -- preferences ----------------------------------------------------------------------------
+    async def entry(
+        self, lm: LoadedModel, key: Any, pref: dymu.Preference, pin: bool = False
+    ) -> tuple[PreferenceEntry, bool]:
+        async def create() -> PreferenceEntry:
+            return await self.control(lm.build_entry, pref, key)
+
+        return await lm.cache.get_or_create(key, create, pin=pin)
+
+    async def runner(self, lm: LoadedModel, entry: PreferenceEntry, subset: TaskSubset) -> Any:
+        runner = entry.runners.get(subset.indices)
+        if runner is None:
+            runner = await self.control(lm.runner, entry, subset)
+            lm.cache.enforce(keep=entry.key)
+        return runner
+
+    def record(
+        self, lm: LoadedModel, entry: PreferenceEntry, cached: bool, t0: float
+    ) -> PreferenceRecord:
+        full = entry.runners.get(lm.all_tasks.indices)
+        return PreferenceRecord(
+            preference_id=entry.preference_id,
+            model=str(lm.name),
+            model_version=str(lm.version),
+            r=list(entry.preference.r),
+            r_by_task=dict(zip(lm.tasks, entry.preference.r)),
+            c=entry.preference.c,
+            architecture=lm.architecture_out(entry.architecture),
+            cost=cost_out(entry.cost, lm.anchor_cost, lm.input_size),
+            cached=cached,
+            compute_ms=round(entry.compute_s * 1e3, 3),
+            elapsed_ms=round((time.perf_counter() - t0) * 1e3, 3),
+            backends={
+                "torch": "ready",
+                "onnx": full.onnx_status if full is not None else "disabled",
+            },
+        )
+
+    # -- inference ------------------------------------------------------------------------------
+    def _run_batch(self, payloads: list[tuple[LoadedModel, Any, torch.Tensor]]) -> list[Output]:
+        lm = payloads[0][0]
+        return lm.run_batch([(runner, x) for _, runner, x in payloads])
+
+    # -- admin ----------------------------------------------------------------------------------
+    async def reload(self) -> tuple[LoadedModel, LoadedModel | None]:
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            previous = self.current
+            try:
+                lm = await self._prepare(initial=previous is None)
+            except Exception as exc:
+                if previous is None:
+                    self.status, self.detail = "failed", f"loading the model failed: {exc}"
+                raise
+            self._install(lm)
+            return lm, previous
+
+
+def service_of(request: Request) -> Service:
+    """The router dependency: the :class:`Service` of the app serving ``request``."""
+    return request.app.state.service

@@ -1,0 +1,106 @@
+"""The fast preference switch (dymu.materialize.Skeleton): a tree is folded once, a new
+preference only recomputes its adapted weights. Same outputs as the unfolded reference forward,
+no state leaking between preferences, and no stale weights after the model changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import dymu
+
+from .conftest import randomize_, tiny_config
+
+
+def reference(model, net, x) -> dict[str, torch.Tensor]:
+    """The tree run node by node with BN unfolded and the deltas applied functionally."""
+    pref = net.preference
+    deltas = model.bn_deltas(pref, nodes=net.architecture.node_list(net.task_indices))
+    with torch.no_grad():
+        return model.anchor.forward_tree(x, net.architecture, deltas, net.task_indices)
+
+
+def outputs(net, x) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return net(x)
+
+
+def close(a, b, tol=1e-4) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=tol) for k in a)
+
+
+def preferences(n: int, count: int, seed: int = 0) -> list[tuple[list[float], float]]:
+    rng = np.random.default_rng(seed)
+    return [(list(rng.dirichlet(np.ones(n))), float(rng.uniform())) for _ in range(count)]
+
+
+def test_switch_equals_the_unfolded_reference(tiny_model):
+    x = torch.randn(2, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    for tasks in (None, ["depth"], ["normals", "segmentation"]):
+        for r, c in preferences(3, 6):
+            net = tiny_model.materialize(r, c, tasks)
+            assert close(outputs(net, x), reference(tiny_model, net, x))
+            unfolded = tiny_model.materialize(r, c, tasks, fold_bn=False)
+            assert close(outputs(net, x), outputs(unfolded, x))
+
+
+def test_preferences_of_one_tree_share_the_skeleton_but_not_their_weights(tiny_model):
+    arch = dymu.Architecture.fully_branched(3, tiny_model.n_layers)
+    x = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(1))
+    a = tiny_model.materialize([1, 0, 0], 0.1, architecture=arch)
+    before = outputs(a, x)
+    b = tiny_model.materialize([0, 0, 1], 0.9, architecture=arch)
+    assert not close(outputs(b, x), before)  # the deltas differ, so do the outputs
+    assert close(outputs(a, x), before, tol=0)  # a is untouched by b's switch
+    assert len(tiny_model._skeletons) == 1  # one tree, one skeleton
+    a_params, b_params = dict(a.named_parameters()), dict(b.named_parameters())
+    assert a_params.keys() == b_params.keys()
+    shared = [k for k in a_params if a_params[k] is b_params[k]]
+    own = [k for k in a_params if a_params[k] is not b_params[k]]
+    assert any(k.startswith("heads.") for k in shared)  # unadapted weights are shared
+    assert own and all(k.startswith("nodes.") for k in own)  # adapted convs are per preference
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules())
+
+
+def test_a_hook_on_a_switched_tree_does_not_reach_the_others(tiny_model):
+    a = tiny_model.materialize([1, 1, 1], 0.5)
+    b = tiny_model.materialize([1, 1, 1.5], 0.5)
+    calls = []
+    b.nodes[next(iter(b.nodes))].register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(1, 3, 24, 32)
+    outputs(a, x)
+    assert calls == []
+    outputs(b, x)
+    assert calls == [1]
+
+
+def test_changed_weights_are_never_served_stale():
+    torch.manual_seed(0)
+    model = randomize_(dymu.create_model(tiny_config()), seed=3)
+    x = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(2))
+    r, c = [0.5, 0.3, 0.2], 0.4
+    model.materialize(r, c)  # builds the skeleton
+    with torch.no_grad():  # an optimizer step would do this: in place
+        for p in model.anchor.parameters():
+            p.mul_(1.1)
+        for p in model.weight_hypernet.parameters():
+            p.add_(0.01)
+    net = model.materialize(r, c)
+    assert close(outputs(net, x), reference(model, net, x))
+    other = randomize_(dymu.create_model(tiny_config()), seed=4)
+    model.load_state_dict(other.state_dict())
+    net = model.materialize(r, c)
+    assert close(outputs(net, x), outputs(other.materialize(r, c), x))
+    # a parameter replaced outright (not in place) is seen too
+    conv = next(m for m in model.anchor.node(0, 0).modules() if isinstance(m, torch.nn.Conv2d))
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)
+    net = model.materialize(r, c)
+    assert close(outputs(net, x), reference(model, net, x))
+
+
+def test_without_adaptation_the_switch_uses_the_anchor_bn(tiny_model):
+    x = torch.randn(1, 3, 24, 32)
+    net = tiny_model.materialize([0.2, 0.3, 0.5], 0.7, adapt=False)
+    with torch.no_grad():
+        ref = tiny_model.anchor.forward_tree(x, net.architecture, None, net.task_indices)
+    assert close(outputs(net, x), ref)
