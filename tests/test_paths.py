@@ -14,6 +14,7 @@ from training.paths import (
     batched_regularizer,
     expected_task_losses,
     merge_probabilities,
+    own_path_losses,
     path_losses,
     path_probabilities,
 )
@@ -55,6 +56,14 @@ def test_expected_loss_of_a_hard_tree_reads_each_task_s_own_path():
     index = {p: i for i, p in enumerate(all_paths(n, layers))}
     want = torch.stack([table[j, index[path_of(arch, j)]] for j in range(n)])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("n", "layers"), [(2, 5), (3, 5), (4, 3)])
+def test_own_path_losses_read_each_task_s_own_stream(n, layers):
+    table = torch.rand(n, n ** (layers - 1))
+    paths = all_paths(n, layers)
+    want = torch.stack([table[j, paths.index((j,) * (layers - 1))] for j in range(n)])
+    torch.testing.assert_close(own_path_losses(table), want)
 
 
 @pytest.mark.parametrize(

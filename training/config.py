@@ -140,6 +140,11 @@ class EdgeStage(HypernetStage):
         description="initial logit bias of each node's own-stream parent: > 0 starts the "
         "controller at the anchor (the fully branched tree) instead of a uniform choice",
     )
+    path_scale: Literal["loss-scale", "single-task"] = Field(
+        default="loss-scale",
+        description="paths estimator: weigh task j's path losses by its loss scale w_j "
+        "(App. G), or divide them by its own stream's loss (units of the single-task loss)",
+    )
     # Ablation switches (Table 6).
     inactive_loss: bool = True
     layer_weighting: bool = True

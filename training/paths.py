@@ -104,6 +104,16 @@ def path_losses(
     return (sums / max(count, 1)).float()
 
 
+def own_path_losses(table: Tensor) -> Tensor:
+    """T[j, (j, .., j)]: each task's loss on its own stream (the anchor's single-task net)."""
+    n, n_paths = table.shape
+    depth = 0
+    while n**depth < n_paths:
+        depth += 1
+    own = [sum(j * n**k for k in range(depth)) for j in range(n)]
+    return table[torch.arange(n), torch.tensor(own)]
+
+
 def path_probabilities(probs: Tensor) -> Tensor:
     """P[..., j, p]: probability that task j's path is p, for ``probs`` of shape (..., L-1, N, N).
 

@@ -31,7 +31,7 @@ from .branching import (
 from .config import EdgeStage
 from .data import collate
 from .loop import freeze, task_stats, train_stage
-from .paths import batched_regularizer, expected_task_losses, path_losses
+from .paths import batched_regularizer, expected_task_losses, own_path_losses, path_losses
 from .run import Run, step_generator
 from .tasks import weighted_task_loss
 
@@ -221,7 +221,12 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
 
 @torch.no_grad()
 def path_table(run: Run) -> torch.Tensor:
-    """w_j T[j, p] on ``path_images`` training images (training/paths.py), seeded by the run."""
+    """w_j T[j, p] on ``path_images`` training images (training/paths.py), seeded by the run.
+
+    With ``path_scale = "single-task"`` w_j = 1 / T[j, own path]: every task's loss counts in
+    units of its own stream's, so the regularizer trades the same relative loss for sharing
+    whatever the task's loss level (multidigits' training losses are ~0.005, scenes' ~0.5).
+    """
     k = min(run.config.edge.path_images, len(run.train_set))
     gen = step_generator(run.config.seed, "edge-paths", 0)
     idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
@@ -233,6 +238,8 @@ def path_table(run: Run) -> torch.Tensor:
         for s in range(0, k, PATH_CHUNK)
     )
     table = path_losses(run.model.anchor.eval(), batches, run.tasks)
+    if run.config.edge.path_scale == "single-task":
+        return (table / own_path_losses(table).clamp_min(1e-12).unsqueeze(1)).to(run.device)
     scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
     return (table * scales.unsqueeze(1)).to(run.device)
 
