@@ -242,6 +242,11 @@ class Skeleton:
         self.delta_bias = torch.cat([r[2] for r in rows] + [r[3] for r in rows]).detach()
 
     @property
+    def nbytes(self) -> int:
+        """Bytes this skeleton holds of its own (its folded template's weights)."""
+        return sum(t.numel() * t.element_size() for t in self.template.parameters())
+
+    @property
     def n_channels(self) -> int:
         return int(self.gamma.numel())
 

@@ -19,8 +19,11 @@ from .hypernets import EdgeHypernet, WeightHypernet
 from .materialize import MaterializedModel, Skeleton
 from .preference import Preference, normalize_preference, resolve_tasks
 
-#: Folded trees a model keeps (each about the size of its used nodes' weights, twice).
+#: Folded trees a model keeps: at most this many, and (beyond the newest) at most
+#: max(SKELETON_MIN_BYTES, 2 x the anchor's bytes) of their weights, so that a paper-scale
+#: model keeps a few trees and a small one many.
 MAX_SKELETONS = 32
+SKELETON_MIN_BYTES = 64 * 2**20
 
 
 class ControllableModel(ConfigTasks, nn.Module):
@@ -203,9 +206,13 @@ class ControllableModel(ConfigTasks, nn.Module):
         wh = self.weight_hypernet
         heads = {node: wh.heads[f"l{node[0]}_s{node[1]}"] for node in wh.layout}
         made = Skeleton(self.anchor, arch, task_idx, self.cost_model, wh.layout, heads)
+        budget = max(SKELETON_MIN_BYTES, 2 * _nbytes(self.anchor))
         with self._skeleton_lock:
             self._skeletons[key] = made
-            while len(self._skeletons) > MAX_SKELETONS:
+            while len(self._skeletons) > 1 and (
+                len(self._skeletons) > MAX_SKELETONS
+                or sum(k.nbytes for k in self._skeletons.values()) > budget
+            ):
                 self._skeletons.popitem(last=False)
         return made
 
@@ -235,6 +242,10 @@ class ControllableModel(ConfigTasks, nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Soft forward of the anchor net (see :meth:`dymu.anchor.AnchorNet.forward_soft`)."""
         return self.anchor.forward_soft(x, nu, bn_deltas, tasks)
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def create_model(config: ModelConfig | dict[str, Any]) -> ControllableModel:

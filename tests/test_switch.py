@@ -104,3 +104,25 @@ def test_without_adaptation_the_switch_uses_the_anchor_bn(tiny_model):
     with torch.no_grad():
         ref = tiny_model.anchor.forward_tree(x, net.architecture, None, net.task_indices)
     assert close(outputs(net, x), ref)
+
+
+def test_the_skeleton_cache_is_bounded(tiny_model):
+    from dymu.model import MAX_SKELETONS
+
+    rows = [(a, b, c) for a in range(3) for b in range(3) for c in range(3)]
+    trees, seen = [], set()
+    for first in rows:  # distinct trees (ids), until two more than the cache keeps
+        for second in rows:
+            parents = [first, second] + [(0, 1, 2)] * (tiny_model.n_layers - 3)
+            arch = dymu.Architecture.from_parents(parents)
+            if arch.id not in seen and len(trees) < MAX_SKELETONS + 2:
+                seen.add(arch.id)
+                trees.append(arch)
+    assert len(trees) == MAX_SKELETONS + 2
+    x = torch.randn(1, 3, 24, 32)
+    for arch in trees:
+        net = tiny_model.materialize([1, 1, 1], 0.5, architecture=arch)
+    assert close(outputs(net, x), reference(tiny_model, net, x))
+    assert len(tiny_model._skeletons) == MAX_SKELETONS  # the oldest two trees were dropped
+    assert (trees[0].id, (0, 1, 2)) not in tiny_model._skeletons
+    assert (trees[-1].id, (0, 1, 2)) in tiny_model._skeletons

@@ -182,6 +182,9 @@ const state = {
   record: null,
   roundTripMs: 0,
   seq: 0,
+  // A typed (or URL) r whose answer has not come yet: a c change meanwhile must carry it, or
+  // the newer request (with the old r) would win and the typed r would be lost.
+  typedR: null,
   costMaps: new Map(),
   costMap: null,
   costImage: null,
@@ -386,6 +389,7 @@ function setWeight(j, v) {
 }
 
 function setR(r) {
+  state.typedR = null; // the user moved r since: that wins over a pending typed one
   state.r = quantize(r);
   syncControls();
   schedulePreference();
@@ -469,15 +473,18 @@ const schedulePreference = debounce(() => applyPreference(null), 150);
 /** POST /preference for the current (r, c), or for a raw r to adopt (typed or from the URL). */
 async function applyPreference(rawR) {
   const seq = ++state.seq;
+  if (rawR !== null) state.typedR = rawR;
+  const adopting = state.typedR;
   document.body.dataset.pending = "true";
   try {
-    const { body, ms } = await postPreference(rawR ?? state.r, state.c);
+    const { body, ms } = await postPreference(adopting ?? state.r, state.c);
     if (seq !== state.seq) return; // a newer preference is on its way
     clearError();
     $("r-text").removeAttribute("aria-invalid");
     state.record = body;
     state.roundTripMs = ms;
-    if (rawR !== null) {
+    if (adopting !== null) {
+      state.typedR = null;
       state.r = body.r;
       syncControls();
       showRText(); // the normalized r replaces what was typed
@@ -487,7 +494,10 @@ async function applyPreference(rawR) {
     if (state.predicted && $("auto-predict").checked) predictCurrent();
   } catch (err) {
     if (seq !== state.seq) return;
-    if (rawR !== null) $("r-text").setAttribute("aria-invalid", "true");
+    if (adopting !== null) {
+      state.typedR = null;
+      $("r-text").setAttribute("aria-invalid", "true");
+    }
     showError(err);
   } finally {
     if (seq === state.seq) document.body.dataset.pending = "false";
