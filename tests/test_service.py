@@ -34,7 +34,7 @@ from service.errors import (
     UnknownPreferenceIdError,
     UnsupportedMediaTypeError,
 )
-from service.imaging import DATASET_NORMALIZATION, decode_image, to_tensor
+from service.imaging import decode_image, to_tensor
 from service.server import BackgroundServer
 from service.settings import Settings
 
@@ -172,18 +172,6 @@ def test_preference_id_values_are_validated_by_the_core():
         prefid.decode(forge([1, 1, 1], 0), TASKS, "m", "v1")
     with pytest.raises(dymu.PreferenceError, match="too large"):
         canonicalize([1e308, 1e308, 1e308], 0, TASKS)
-
-
-def test_normalization_table_matches_the_training_datasets():
-    from training.data.base import IMAGENET_MEAN, IMAGENET_STD
-    from training.data.cifar import CIFAR100_MEAN, CIFAR100_STD
-    from training.data.multidigits import DIGITS_MEAN, DIGITS_STD
-    from training.data.scenes import SCENES_MEAN, SCENES_STD
-
-    assert DATASET_NORMALIZATION["scenes"] == (SCENES_MEAN, SCENES_STD)
-    assert DATASET_NORMALIZATION["multidigits"] == (DIGITS_MEAN, DIGITS_STD)
-    assert DATASET_NORMALIZATION["cifar100-20"] == (CIFAR100_MEAN, CIFAR100_STD)
-    assert DATASET_NORMALIZATION["nyuv2"] == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------ units: the cache

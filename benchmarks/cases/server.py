@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dymu.preference import sample_preferences
+
 from ..config import size_label
 from ..registry import ROOT, Context, register_case
 from ..report import fmt, table
@@ -251,14 +253,14 @@ def preference_latency(ctx: Context, url: str, n_new: int) -> dict[str, Any]:
     """POST /preference: a new preference (computed) vs a cached one, over HTTP."""
     from service.client import DymuClient
 
-    rng = np.random.default_rng(ctx.config.seed + 1)
+    fresh = sample_preferences(ctx.model.n_tasks, n_new, ctx.config.seed + 1, c=0.5)
     r, c = served_preference(ctx.model.n_tasks)
     new, hit, compute = [], [], []
     with DymuClient(url, timeout=120) as client:
         client.create_preference(r, c)
-        for _ in range(n_new):
+        for r_new, c_new in fresh:
             t0 = time.perf_counter()
-            rec = client.create_preference(list(rng.dirichlet(np.ones(ctx.model.n_tasks))), 0.5)
+            rec = client.create_preference(r_new, c_new)
             new.append(time.perf_counter() - t0)
             compute.append(rec.compute_ms / 1e3)
             t0 = time.perf_counter()
