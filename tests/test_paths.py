@@ -180,7 +180,8 @@ def test_the_trunk_is_shared_then_copied_into_every_stream(tmp_path):
             "trunk": base.trunk.model_copy(update={"steps": 4, "batch_size": 4}),
             "edge": base.edge.model_copy(
                 update={"estimator": "paths", "path_images": 4, "preferences": 4,
-                        "branched_init": 2.0, "dense_fraction": 0.5}
+                        "branched_init": 2.0, "dense_fraction": 0.5,
+                        "path_scale": "single-task"}
             ),
         }
     )  # fmt: skip
