@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser demo test lint test-slow test-scale bench bench-scale screenshots clean
+.PHONY: setup browser prometheus demo test lint test-slow test-scale bench bench-scale screenshots clean
 
 setup: $(STAMP)
 
@@ -48,7 +48,18 @@ browser:
 	    echo "could not install chromium: the browser tests will fail and say why"; \
 	fi
 
-test: lint browser
+# Debian's prometheus and promtool for tests/test_prometheus.py (a real Prometheus scraping a real
+# `dymu serve`, and the rules' unit tests), installed when missing; without them those tests fail.
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  echo "installing Debian's prometheus for the Prometheus tests (apt-get install prometheus)"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	    echo "could not install prometheus: the Prometheus tests will fail and say why"; \
+	fi
+
+test: lint browser prometheus
 	$(PY) -m pytest -q -m "not slow and not scale"
 
 # Ray Serve replicas and torchrun DDP (docs/scale.md): installs the ray extra first.

@@ -98,9 +98,15 @@ def test_gpu_override_reserves_a_gpu():
 def test_prometheus_scrapes_the_api():
     services = load(COMPOSE)["services"]
     prom = services["prometheus"]
-    [mount] = prom["volumes"]
-    assert mount["source"] == "./docker/prometheus.yml" and mount["read_only"] is True
-    assert f"--config.file={mount['target']}" in prom["command"]
+    mounts = {v["source"]: v for v in prom["volumes"]}
+    assert set(mounts) == {"./docker/prometheus.yml", "./docker/prometheus-rules.yml"}
+    assert all(v["read_only"] is True for v in mounts.values())
+    config_path = Path(mounts["./docker/prometheus.yml"]["target"])
+    assert f"--config.file={config_path}" in prom["command"]
+    # the rules lie next to the config, where its relative rule_files entry finds them
+    rules = Path(mounts["./docker/prometheus-rules.yml"]["target"])
+    assert load(ROOT / "docker" / "prometheus.yml")["rule_files"] == [rules.name]
+    assert rules.parent == config_path.parent
     assert prom["depends_on"]["api"]["condition"] == "service_healthy"
     config = load(ROOT / "docker" / "prometheus.yml")
     [job] = config["scrape_configs"]
