@@ -47,6 +47,7 @@ from .errors import (
 )
 from .imaging import decode_base64, decode_image, encode_npz, encode_task
 from .metrics import CONTENT_TYPE, Metrics
+from .routers.oip import router as oip_router
 from .runtime import LoadedModel, Output, PreferenceEntry, cost_out
 from .schemas import (
     C_DESCRIPTION,
@@ -855,4 +856,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elapsed_ms=round((time.perf_counter() - t0) * 1e3, 3),
         )
 
+    app.router.routes.extend(oip_router.routes)  # Open Inference Protocol: service/routers/oip.py
     return app
