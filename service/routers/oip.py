@@ -196,6 +196,7 @@ async def infer(request: Request, model: str, version: str | None) -> Response:
             "tasks": ",".join(names),
             "images": len(xs),
             "model_ms": round(max(o.model_s for o in outs) * 1e3, 3),
+            "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
             "cache": "miss" if computed else "hit",
             "backend": outs[0].backend,
         },
