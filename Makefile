@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser prometheus demo test lint test-slow test-scale bench bench-scale screenshots clean
+.PHONY: setup browser prometheus docker-bases test-docker demo test lint test-slow test-scale bench bench-scale screenshots clean
 
 setup: $(STAMP)
 
@@ -60,7 +60,19 @@ prometheus:
 	fi
 
 test: lint browser prometheus
-	$(PY) -m pytest -q -m "not slow and not scale"
+	$(PY) -m pytest -q -m "not slow and not scale and not docker"
+
+# The base images of docker/Dockerfile and docker-compose.yml: pulled, or where Docker Hub cannot
+# be reached, local stand-ins built from Debian packages (docker/bases/bases.sh); and this
+# machine's pip configuration for the image build (docker/pip/, docker/bases/pip_context.py).
+docker-bases:
+	bash docker/bases/bases.sh
+	$(PYTHON) docker/bases/pip_context.py
+
+# `docker compose up` for real: build, start, wait for health, predict, ask Prometheus, take it
+# down (docker/test-docker.sh; installs docker.io/docker-compose and starts dockerd if needed).
+test-docker: setup
+	bash docker/test-docker.sh $(PY)
 
 # Ray Serve replicas and torchrun DDP (docs/scale.md): installs the ray extra first.
 test-scale: setup
