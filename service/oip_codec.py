@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ PROTOCOL_PARAMETERS = (
     "headers",
 )
 BINARY_SIZE = "binary_data_size"
+#: The infer routes (with or without a version).
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "BYTES": np.object_}
 
 
@@ -282,6 +285,17 @@ def read_outputs(req: InferRequest, outputs: Any) -> None:
         if not isinstance(params, dict):
             raise BadRequestError(f"output {o['name']}: parameters must be an object")
         req.binary[o["name"]] = params.get("binary_data", req.binary_default) is True
+
+
+def preference_fields(
+    body: bytes, header_length: str | None
+) -> tuple[str | None, list[float] | None, float | str | None]:
+    """(preference_id, r, c) of an infer request, read as the app reads them; the tensors are
+    not read (the Ray ingress routes by preference with this: service/ray_app.py)."""
+    header, _ = split_body(body, header_length)
+    req = InferRequest(images=None, encoded=None, request_id=None)
+    read_parameters(req, header.get("parameters"))
+    return req.preference_id, req.r, req.c
 
 
 # -------------------------------------------------------------------------------------- reply

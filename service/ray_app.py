@@ -46,7 +46,7 @@ from starlette.responses import Response
 
 from dymu.store import read_manifest, resolve
 
-from . import errors
+from . import errors, oip_codec
 from .app import HEADER_PREFIX, create_app, parse_r_text
 from .errors import OverloadedError, PayloadTooLargeError, ReplicaFailedError, RequestTimeoutError
 from .prefid import PreferenceIds
@@ -222,6 +222,11 @@ class DymuIngress:
             elif method == "POST" and path == "/preference":
                 fields = json.loads(body)
                 _, key = self.ids.parse(fields["r"], fields.get("c"))
+            elif method == "POST" and oip_codec.INFER_PATH.match(path):  # Open Inference Protocol
+                pid, r, c = oip_codec.preference_fields(
+                    body, request.headers.get("inference-header-content-length")
+                )
+                _, key = self.ids.select(pid, r, c)
             elif method == "GET" and path.startswith("/preference/"):
                 _, key = self.ids.decode(path.removeprefix("/preference/"))
             else:
