@@ -209,16 +209,17 @@ def test_prometheus_scrapes_dymu_serve_and_promql_gives_rate_and_p95(stack):
     predict = 'dymu_http_requests_total{job="dymu",endpoint="/predict",method="POST",status="200"}'
     prom.until(f"sum({predict})", PREDICTS)
     prom.until('sum(dymu_http_requests_total{job="dymu",endpoint="/preference"})', PREDICTS)
+    count = 'dymu_http_request_duration_seconds_count{job="dymu",endpoint="/predict"}'
+    prom.until(f"sum({count})", PREDICTS)  # the histogram too (it is observed after the count)
 
     # request rate: over a window inside the traffic, what the client sent in it
-    window = 2.0
-    at = starts[PREDICTS // 2 + 2]
+    window = 3.0
+    at = starts[-1]
     sent = sum(1 for t in starts if at - window < t <= at)
     rate = prom.value(f"sum(rate({predict}[{window:g}s]))", at)
-    assert 0.5 * sent / window <= rate <= 1.5 * sent / window, (rate, sent / window)
-    # the recording rule sees the same traffic
-    [recorded] = prom.query('dymu:http_requests:rate1m{endpoint="/predict",status="200"}', at)
-    assert float(recorded["value"][1]) > 0
+    assert 0.4 * sent / window <= rate <= 1.6 * sent / window, (rate, sent / window)
+    # the recording rule sees the same traffic (its evaluations may lag the scrapes under load)
+    prom.until('count(dymu:http_requests:rate1m{endpoint="/predict",status="200"} > 0)', 1)
 
     # p95 latency: PromQL over the scraped buckets = the quantile of the server's histogram
     expected, cumulative = histogram_p95(api, "/predict")
