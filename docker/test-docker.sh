@@ -6,7 +6,8 @@
 #   3. tests/test_docker.py (pytest -m docker): `docker-compose up -d --build`, waits for the
 #      API's healthcheck, posts a preference and predictions on service/example.png, asks
 #      Prometheus that up{job="dymu"} is 1 and that the request counter counts them, and
-#      `docker-compose down -v` (nothing is left running).
+#      `docker-compose down -v` (nothing is left running); then tests/test_docker_ray.py, the
+#      same for docker-compose.ray.yml (dymu on Ray Serve, 2 replicas, in one container).
 # Usage: docker/test-docker.sh PYTHON   (the project's .venv python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,4 +63,4 @@ if ! "$PY" -c "import urllib.request as u; u.urlopen('https://download.pytorch.o
     export DYMU_PIP_CONF=pip.conf DYMU_TORCH_INDEX=
     echo "test-docker: the PyTorch index cannot be reached: building with docker/pip/pip.conf"
 fi
-"$PY" -m pytest -q -s -m docker tests/test_docker.py  # -s: shows the build and start-up times
+"$PY" -m pytest -q -s -m docker tests/test_docker.py tests/test_docker_ray.py  # -s: times

@@ -39,9 +39,10 @@ def free_port() -> int:
 
 
 class Stack:
-    """docker-compose.yml under a project name of its own, on free host ports."""
+    """A compose file under a project name of its own, on free host ports."""
 
-    def __init__(self) -> None:
+    def __init__(self, file: str = "docker-compose.yml", project: str = PROJECT) -> None:
+        self.file, self.project = file, project
         self.api_port, self.prom_port = free_port(), free_port()
         self.env = {
             **os.environ,
@@ -52,7 +53,8 @@ class Stack:
         self.prometheus = f"http://127.0.0.1:{self.prom_port}"
 
     def compose(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-        cmd = [shutil.which("docker-compose") or "docker-compose", "-p", PROJECT, *args]
+        compose = shutil.which("docker-compose") or "docker-compose"
+        cmd = [compose, "-f", self.file, "-p", self.project, *args]
         return subprocess.run(
             cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
         )
@@ -75,24 +77,29 @@ class Stack:
         return self.compose("down", "-v", "--remove-orphans", timeout=300)
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def started(s: Stack, timeout: float = 300) -> Stack:
+    """``up -d --build``, then wait for the API's healthcheck."""
     if shutil.which("docker-compose") is None or shutil.which("docker") is None:
         pytest.fail("docker and docker-compose are needed: run `make test-docker`")
-    s = Stack()
     s.down()
+    t0 = time.monotonic()
+    up = s.compose("up", "-d", "--build")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    print(f"\n{s.file}: up -d --build {time.monotonic() - t0:.0f} s")
+    deadline = time.monotonic() + timeout
+    while (state := s.health()) != "healthy":
+        assert state in ("starting", ""), f"the API is {state}:\n{s.logs()}"
+        assert time.monotonic() < deadline, f"not healthy after {timeout:g} s:\n{s.logs()}"
+        time.sleep(2)
+    print(f"{s.file}: healthy after {time.monotonic() - t0:.0f} s")
+    return s
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    s = Stack()
     try:
-        t0 = time.monotonic()
-        up = s.compose("up", "-d", "--build")
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        print(f"docker-compose up -d --build: {time.monotonic() - t0:.0f} s")
-        deadline = time.monotonic() + 300
-        while (state := s.health()) != "healthy":
-            assert state in ("starting", ""), f"the API is {state}:\n{s.logs()}"
-            assert time.monotonic() < deadline, f"the API is not healthy after 300 s:\n{s.logs()}"
-            time.sleep(2)
-        print(f"healthy after {time.monotonic() - t0:.0f} s")
-        yield s
+        yield started(s)
     finally:
         s.down()
 
@@ -176,18 +183,17 @@ def test_prometheus_scrapes_the_api_and_counts_the_requests(stack):
     assert {"DymuNotReady", "DymuHigh503Rate", "dymu:http_request_duration_seconds:p95_5m"} <= names
 
 
-def test_down_leaves_nothing_running(stack):
+def assert_down(stack: Stack) -> None:
+    """``down -v`` leaves no container, volume or network of the project."""
     down = stack.down()
     assert down.returncode == 0, down.stderr
-    left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-        capture_output=True,
-        text=True,
-    )
-    assert left.stdout.strip() == ""
-    volumes = subprocess.run(
-        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-        capture_output=True,
-        text=True,
-    )
-    assert volumes.stdout.strip() == ""
+    label = f"label=com.docker.compose.project={stack.project}"
+    for kind in (["ps", "-aq"], ["volume", "ls", "-q"], ["network", "ls", "-q"]):
+        left = subprocess.run(
+            ["docker", *kind, "--filter", label], capture_output=True, text=True, check=True
+        )
+        assert left.stdout.strip() == "", (kind, left.stdout)
+
+
+def test_down_leaves_nothing_running(stack):
+    assert_down(stack)

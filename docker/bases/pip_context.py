@@ -42,7 +42,12 @@ def pip_config() -> dict[str, str]:
 
 
 def copy(src: Path, dest: Path) -> None:
+    """A hard link (a copy across file systems); left alone when it is already that file, so
+    that the build's layer cache stays valid from one run to the next."""
+    if dest.exists() and (dest.samefile(src) or dest.read_bytes() == src.read_bytes()):
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
     try:
         os.link(src, dest)
     except OSError:
@@ -52,32 +57,40 @@ def copy(src: Path, dest: Path) -> None:
 def write_context(config: dict[str, str]) -> list[str]:
     """docker/pip/ for ``config``; the lines of its pip.conf."""
     OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.iterdir():  # what an earlier run wrote; the tracked README stays
-        if old.name not in KEEP:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    files: dict[str, Path] = {}  # name in docker/pip/ -> the file it copies
     lines = ["[global]"]
     if cert := config.get("cert"):
-        copy(Path(cert), OUT / "ca-bundle.crt")
+        files["ca-bundle.crt"] = Path(cert)
         lines.append(f"cert = {INSIDE / 'ca-bundle.crt'}")
     links = []
     for i, entry in enumerate(config.get("find-links", "").split()):
         folder = Path(entry.removeprefix("file://"))
         if folder.is_dir():
-            for wheel in sorted(folder.glob("*.whl")):
-                copy(wheel, OUT / f"wheels{i}" / wheel.name)
+            files.update({f"wheels{i}/{w.name}": w for w in sorted(folder.glob("*.whl"))})
             links.append(str(INSIDE / f"wheels{i}"))
         elif "://" in entry:
             links.append(entry)
     if links:
         lines.append("find-links = " + " ".join(links))
     if (constraint := config.get("constraint")) and Path(constraint).is_file():
-        copy(Path(constraint), OUT / "constraints.txt")
+        files["constraints.txt"] = Path(constraint)
         lines.append(f"constraint = {INSIDE / 'constraints.txt'}")
     for key in ("index-url", "extra-index-url", "trusted-host", "proxy", "default-timeout"):
         values = [v for v in config.get(key, "").split() if not v.startswith("file:")]
         if values:
             lines.append(f"{key} = {' '.join(values)}")
-    (OUT / "pip.conf").write_text("\n".join(lines) + "\n")
+    for old in sorted(OUT.rglob("*"), reverse=True):  # what an earlier run wrote, if stale
+        name = old.relative_to(OUT).as_posix()
+        if old.is_file() and name not in files and name not in KEEP | {"pip.conf"}:
+            old.unlink()
+        elif old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+    for name, src in files.items():
+        copy(src, OUT / name)
+    text = "\n".join(lines) + "\n"
+    conf = OUT / "pip.conf"
+    if not conf.exists() or conf.read_text() != text:
+        conf.write_text(text)
     return lines
 
 
