@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser demo test lint test-slow test-scale bench bench-scale screenshots clean
+.PHONY: setup browser prometheus docker-bases test-docker demo test lint test-slow test-scale bench bench-scale screenshots clean
 
 setup: $(STAMP)
 
@@ -48,8 +48,31 @@ browser:
 	    echo "could not install chromium: the browser tests will fail and say why"; \
 	fi
 
-test: lint browser
-	$(PY) -m pytest -q -m "not slow and not scale"
+# Debian's prometheus and promtool for tests/test_prometheus.py (a real Prometheus scraping a real
+# `dymu serve`, and the rules' unit tests), installed when missing; without them those tests fail.
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  echo "installing Debian's prometheus for the Prometheus tests (apt-get install prometheus)"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	    echo "could not install prometheus: the Prometheus tests will fail and say why"; \
+	fi
+
+test: lint browser prometheus
+	$(PY) -m pytest -q -m "not slow and not scale and not docker"
+
+# The base images of docker/Dockerfile and docker-compose.yml: pulled, or where Docker Hub cannot
+# be reached, local stand-ins built from Debian packages (docker/bases/bases.sh); and this
+# machine's pip configuration for the image build (docker/pip/, docker/bases/pip_context.py).
+docker-bases:
+	bash docker/bases/bases.sh
+	$(PYTHON) docker/bases/pip_context.py
+
+# `docker compose up` for real: build, start, wait for health, predict, ask Prometheus, take it
+# down (docker/test-docker.sh; installs docker.io/docker-compose and starts dockerd if needed).
+test-docker: setup
+	bash docker/test-docker.sh $(PY)
 
 # Ray Serve replicas and torchrun DDP (docs/scale.md): installs the ray extra first.
 test-scale: setup

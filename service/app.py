@@ -14,7 +14,7 @@ import dymu
 
 from . import errors
 from .gate import Gate
-from .routers import admin, explorer, health, model, predict, preference
+from .routers import admin, explorer, health, model, oip, predict, preference
 from .settings import Settings
 from .state import Service
 
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router)
     app.include_router(preference.router)
     app.include_router(predict.router)
+    app.include_router(oip.router)
     app.include_router(explorer.router)
     app.include_router(admin.router(enabled=settings.admin_token is not None))
     app.mount("/explorer/static", explorer.static_files(), name="explorer-static")

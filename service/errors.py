@@ -91,6 +91,10 @@ class UnknownPreferenceIdError(ServiceError):
     """A well-formed preference id of another model or model version (404)."""
 
 
+class UnknownModelError(ServiceError):
+    """Open Inference Protocol: a model name or version this server does not serve (404)."""
+
+
 class AdminDisabledError(ServiceError):
     """The admin surface is off: no token is configured (404)."""
 
@@ -126,6 +130,7 @@ STATUS: dict[type[BaseException], int] = {
     BadImageError: 422,
     MalformedPreferenceIdError: 422,
     UnknownPreferenceIdError: 404,
+    UnknownModelError: 404,
     AdminDisabledError: 404,
     UnauthorizedError: 401,
     ForbiddenError: 403,

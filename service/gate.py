@@ -1,6 +1,7 @@
 """The outermost ASGI middleware: what happens to a request before any route sees it.
 
-In order: the request's start time and deadline go into ``scope["state"]``; a /predict call is
+In order: the request's start time and deadline go into ``scope["state"]``; a /predict call
+(or an Open Inference Protocol infer call, ``/v2/models/{model}[/versions/{v}]/infer``) is
 admitted or refused (503 + Retry-After) *before its body is read*, so a full server answers in
 milliseconds however large the body; a body is read up to ``max_body_bytes`` (413 beyond,
 before the rest is read) within ``body_timeout_s`` (408, connection closed) and replayed to the
@@ -18,12 +19,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .errors import ClientDisconnectedError, RequestReadTimeoutError, ServiceError
+from .oip_codec import INFER_PATH, error_body
 from .parsing import asgi_chunks, check_declared_length, read_limited
 from .state import Service
 
-#: The routes admitted by :meth:`Service.admit` (the ones that queue work on the model).
+#: The routes admitted by :meth:`Service.admit` (the ones that queue work on the model) ...
 ADMITTED = frozenset({("POST", "/predict")})
+#: ... and the OIP infer routes' templates (their paths carry the model name and version).
+INFER_TEMPLATES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def admitted(method: str, path: str) -> bool:
+    """Whether a request is admitted (or refused) before its body is read."""
+    return (method, path) in ADMITTED or (method == "POST" and INFER_PATH.match(path) is not None)
 
 
 class Gate:
@@ -42,7 +51,11 @@ class Gate:
             return getattr(route, "path", "other")
         if self._paths is None:  # the app's fixed paths, for requests the gate answered
             self._paths = frozenset(p for p in self.api.openapi()["paths"] if "{" not in p)
-        return scope["path"] if scope["path"] in self._paths else "unmatched"
+        path = scope["path"]
+        if path in self._paths:
+            return path
+        infer = INFER_PATH.match(path)
+        return "unmatched" if infer is None else INFER_TEMPLATES[infer.group(1) is not None]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +83,7 @@ class Gate:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         taken = False  # admitted here: released when the request is done
         try:
-            if (method, scope["path"]) in ADMITTED:
+            if admitted(method, scope["path"]):
                 self.service.admit()
                 taken = True
             if method in BODY_METHODS:
@@ -78,7 +91,7 @@ class Gate:
         except ClientDisconnectedError:
             pass  # nobody to answer
         except ServiceError as exc:
-            await send_error(send, exc)
+            await send_error(send, exc, oip=INFER_PATH.match(scope["path"]) is not None)
         else:
             await self.app(scope, receive, send)
         finally:
@@ -108,11 +121,14 @@ class Gate:
         return replay
 
 
-async def send_error(send: Send, exc: ServiceError) -> None:
+async def send_error(send: Send, exc: ServiceError, oip: bool = False) -> None:
     """An error answered by the gate itself; the connection closes (the rest of the body, if
-    any, is never read)."""
-    status = errors.status_of(exc)
-    body = json.dumps(errors.error_body(status, errors.error_code(exc), exc.detail)).encode()
+    any, is never read). ``oip``: in the Open Inference Protocol's body."""
+    status, code = errors.status_of(exc), errors.error_code(exc)
+    fields = (
+        error_body(f"{code}: {exc.detail}") if oip else errors.error_body(status, code, exc.detail)
+    )
+    body = json.dumps(fields).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

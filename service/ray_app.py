@@ -43,7 +43,7 @@ from starlette.responses import Response
 
 from dymu.store import read_manifest, resolve
 
-from . import errors
+from . import errors, oip_codec
 from .app import create_app
 from .errors import OverloadedError, ReplicaFailedError, RequestTimeoutError, ServiceError
 from .parsing import (
@@ -214,6 +214,11 @@ class DymuIngress:
             elif method == "POST" and path == "/preference":
                 pref = validated(PreferenceIn, loads(body))
                 _, key = self.ids.parse(pref.r, pref.c)
+            elif method == "POST" and oip_codec.INFER_PATH.match(path):  # Open Inference Protocol
+                pid, r, c = oip_codec.preference_fields(
+                    body, request.headers.get("inference-header-content-length")
+                )
+                _, key = self.ids.select(pid, r, c)
             elif method == "GET" and path.startswith("/preference/"):
                 _, key = self.ids.decode(path.removeprefix("/preference/"))
             else:

@@ -47,7 +47,7 @@ class Service:
         self.detail: str | None = "the model has not been loaded yet"
         self.generation = 0
         self.batcher: Batcher | None = None
-        self.in_flight = 0  # /predict requests admitted and not yet answered
+        self.in_flight = 0  # /predict and OIP infer requests admitted and not yet answered
         self._control: ThreadPoolExecutor | None = None
         self._io: ThreadPoolExecutor | None = None
         self._inference: ThreadPoolExecutor | None = None
@@ -60,7 +60,7 @@ class Service:
 
     @property
     def max_in_flight(self) -> int:
-        """/predict requests admitted at once: the queue plus what the workers run."""
+        """Predictions admitted at once: the queue plus what the workers run."""
         s = self.settings
         return s.max_queue + s.max_batch_size * s.inference_workers
 
@@ -194,7 +194,7 @@ class Service:
         return lm
 
     def admit(self) -> None:
-        """Admit one /predict request before its body is read, or refuse at once (503)."""
+        """Admit one prediction request before its body is read, or refuse at once (503)."""
         if self.current is None or self.status != "ready":
             raise self._not_ready()
         if self.in_flight >= self.max_in_flight:

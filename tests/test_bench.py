@@ -167,8 +167,9 @@ def test_server_scaling_paper_profile_fields(tiny_run):
     assert run["backend"] == "onnx"
     rows = {r["variant"]: r for r in run["sizes"][0]["rows"]}
     assert set(rows) == {"direct"} | {
-        f"http {f}, batching {m}" for f in ("JSON-PNG", "npz") for m in ("on", "off")
+        f"http {f}, batching {m}" for f in ("JSON-PNG", "npz", "OIP binary") for m in ("on", "off")
     }
+    assert rows["http OIP binary, batching on"]["server_model_ms"] > 0
     assert rows["http JSON-PNG, batching off"]["backends"] == ["onnx"]
     assert rows["http npz, batching on"]["server_model_ms"] > 0
     loads = run["throughput"]

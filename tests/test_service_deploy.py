@@ -83,7 +83,8 @@ def test_compose_api_service():
     fields = {f"DYMU_{name.upper()}" for name in Settings.model_fields}
     assert set(env) <= fields, set(env) - fields
     port = int(env["DYMU_PORT"])
-    assert f"{port}:{port}" in api["ports"]
+    # the host port is DYMU_API_PORT, the container's port by default
+    assert f"${{DYMU_API_PORT:-{port}}}:{port}" in api["ports"]
 
 
 def test_gpu_override_reserves_a_gpu():
@@ -98,9 +99,15 @@ def test_gpu_override_reserves_a_gpu():
 def test_prometheus_scrapes_the_api():
     services = load(COMPOSE)["services"]
     prom = services["prometheus"]
-    [mount] = prom["volumes"]
-    assert mount["source"] == "./docker/prometheus.yml" and mount["read_only"] is True
-    assert f"--config.file={mount['target']}" in prom["command"]
+    mounts = {v["source"]: v for v in prom["volumes"]}
+    assert set(mounts) == {"./docker/prometheus.yml", "./docker/prometheus-rules.yml"}
+    assert all(v["read_only"] is True for v in mounts.values())
+    config_path = Path(mounts["./docker/prometheus.yml"]["target"])
+    assert f"--config.file={config_path}" in prom["command"]
+    # the rules lie next to the config, where its relative rule_files entry finds them
+    rules = Path(mounts["./docker/prometheus-rules.yml"]["target"])
+    assert load(ROOT / "docker" / "prometheus.yml")["rule_files"] == [rules.name]
+    assert rules.parent == config_path.parent
     assert prom["depends_on"]["api"]["condition"] == "service_healthy"
     config = load(ROOT / "docker" / "prometheus.yml")
     [job] = config["scrape_configs"]
@@ -117,9 +124,11 @@ def test_dockerfiles_install_like_the_readme():
     cpu = (ROOT / "docker" / "Dockerfile").read_text()
     gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
     # CPU torch first (same pin as `make setup`), then the package with the serving extras
-    assert (
-        f'pip install "torch=={torch_pin}" --index-url https://download.pytorch.org/whl/cpu' in cpu
-    )
+    # torch from the public CPU index by default (TORCH_INDEX), or from the machine's own pip
+    # configuration passed into the build (PIP_CONF: docker/pip/README.md); never a CUDA build
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in cpu
+    assert f'pip install "torch=={torch_pin}" ${{TORCH_INDEX:+--index-url "$TORCH_INDEX"}}' in cpu
+    assert 'PIP_CONFIG_FILE="/tmp/pip/$PIP_CONF"' in cpu and "torch.version.cuda is None" in cpu
     assert cpu.index("torch==") < cpu.index('pip install ".[serving,onnx]"')
     assert f'pip install "torch=={torch_pin}"' in gpu and "onnxruntime-gpu" in gpu
     assert '".[serving]"' in gpu and ".[serving,onnx]" not in gpu  # never two onnxruntimes

@@ -35,6 +35,7 @@ from ..config import size_label
 from ..registry import ROOT, Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
+from .server_oip import oip_variant
 from .switch import served_preference
 
 BATCHING = {
@@ -164,6 +165,8 @@ def sequential(ctx: Context, backend: str, servers: dict, size: str) -> dict[str
                 log.append((res.metrics.total_ms, res.metrics.model_ms, res.metrics.backend))
 
             variants[key] = call
+        key = f"http OIP binary, batching {mode}"  # raw pixels in, raw FP32 out (server_oip.py)
+        variants[key] = oip_variant(server.url, png, pid, server_ms.setdefault(key, []))
     try:
         samples = interleave(variants, ctx.config.server_rounds, warmup=2)
     finally:

@@ -18,8 +18,9 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..errors import ERROR_RESPONSES, RequestTimeoutError
+from ..errors import ERROR_RESPONSES
 from ..imaging import decode_image, encode_npz, encode_task
+from ..inference import deadline, run_images
 from ..parsing import PredictBody, parse_predict
 from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
 from ..schemas import (
@@ -96,21 +97,11 @@ async def predict(request: Request, svc: Svc) -> Response:
     PNG-encoded maps, `format=npz` float32 arrays. Metrics come in the body and as
     `X-Dymu-*` headers.
     """
-    state = request.scope.get("state", {})
-    t0 = state.get("t0", time.perf_counter())
-    deadline = state.get("deadline", t0 + svc.settings.request_timeout_s)
     lm = svc.require_ready()
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout_at(loop.time() + (deadline - time.perf_counter())):
-            body = await parse_predict(request, svc.io)
-            served = await _serve(svc, lm, body)
-            return await _respond(svc, lm, body.fields, served, t0)
-    except TimeoutError:
-        svc.metrics.timeouts.inc()
-        raise RequestTimeoutError(
-            f"the request took longer than {svc.settings.request_timeout_s:g} s"
-        ) from None
+    async with deadline(request, svc) as t0:
+        body = await parse_predict(request, svc.io)
+        served = await _serve(svc, lm, body)
+        return await _respond(svc, lm, body.fields, served, t0)
 
 
 async def _serve(svc: Service, lm: LoadedModel, body: PredictBody) -> Served:
@@ -122,15 +113,9 @@ async def _serve(svc: Service, lm: LoadedModel, body: PredictBody) -> Served:
         return lm.image_tensor(decode_image(body.image_bytes(), svc.settings.max_pixels))
 
     x = await svc.io(decode)
+    ran = await run_images(svc, lm, key, pref, subset, [x])
     hw = (int(x.shape[-2]), int(x.shape[-1]))
-    entry, computed = await svc.entry(lm, key, pref)
-    runner = await svc.runner(lm, entry, subset)
-    assert svc.batcher is not None
-    job = svc.batcher.submit((svc.generation, key, subset.indices, hw), (lm, runner, x))
-    # Cancelling the wait (the deadline) cancels the job's future: the batcher skips it.
-    out: Output = await job.future
-    queue_s = (job.started or job.enqueued) - job.enqueued
-    return Served(entry, computed, subset, hw, out, queue_s)
+    return Served(ran.entry, ran.computed, subset, hw, ran.outs[0], ran.queue_s)
 
 
 async def _respond(
