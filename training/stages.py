@@ -62,10 +62,9 @@ def copy_trunk(anchor: AnchorNet) -> None:
             anchor.node(layer, j).load_state_dict(anchor.node(layer, 0).state_dict())
 
 
-def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
-    """Before stage 0: the fully shared tree on sum_i w_i L_i, then copied into every stream
-    (the common trunk, docs/training.md)."""
-    cfg = run.config.trunk
+def all_tasks_loss(run: Run) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """sum_i w_i L_i of ``net(image)``, every task at once: the loss of stage 0 (independent
+    streams, so N separate runs) and of the trunk (one shared tree)."""
 
     def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with run.autocast():
@@ -73,6 +72,14 @@ def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
         total, per_task = weighted_task_loss(run.tasks, out, batch, None)
         return total, task_stats(per_task)
 
+    return loss_fn
+
+
+def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
+    """Before stage 0: the fully shared tree on sum_i w_i L_i, then copied into every stream
+    (the common trunk, docs/training.md)."""
+    cfg = run.config.trunk
+    loss_fn = all_tasks_loss(run)
     # The other streams' lower layers are unused until the copy: DDP must look for them.
     train_stage(
         run, "trunk", SharedTrunk(run.model.anchor), cfg, start, opt_state, loss_fn,
@@ -84,13 +91,7 @@ def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
 def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
     cfg, anchor = run.config.anchor, run.model.anchor
-
-    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        with run.autocast():
-            out = net(batch["image"])
-        total, per_task = weighted_task_loss(run.tasks, out, batch, None)
-        return total, task_stats(per_task)
-
+    loss_fn = all_tasks_loss(run)
     train_stage(
         run,
         "anchor",
