@@ -205,15 +205,22 @@ function setStatus(text) {
   $("status").textContent = text;
 }
 
-function showError(err) {
+// An error remembers what raised it: a request that succeeds later clears a request's error,
+// never the answer to a user's own action (e.g. refusing to uncheck the last task), which a
+// reply still in flight from before that action would otherwise wipe.
+function showError(err, source = "request") {
   const box = $("error");
   box.textContent = err instanceof ApiError ? `${err.detail} (${err.code}, ${err.status})` : String(err);
+  box.dataset.source = source;
   box.hidden = false;
 }
 
-function clearError() {
-  $("error").hidden = true;
-  $("error").textContent = "";
+function clearError(source = "request") {
+  const box = $("error");
+  if (source !== "any" && box.dataset.source && box.dataset.source !== source) return;
+  box.hidden = true;
+  box.textContent = "";
+  delete box.dataset.source;
 }
 
 // ------------------------------------------------------------------------------ start-up
@@ -425,12 +432,12 @@ function showRText() {
 function toggleTask(j, box) {
   if (!box.checked && state.subset.size === 1) {
     box.checked = true;
-    showError("at least one task must run");
+    showError("at least one task must run", "subset");
     return;
   }
   if (box.checked) state.subset.add(j);
   else state.subset.delete(j);
-  clearError();
+  clearError("any");
   writeHash();
   if (state.record) renderTree($("tree"), state.record.architecture, { legend: $("tree-legend") });
   scheduleCostMap();
