@@ -109,6 +109,17 @@ class Run:
     def tasks(self) -> tuple[TaskSpec, ...]:
         return self.model.config.tasks
 
+    def sample_batches(self, stream: str, count: int, chunk: int) -> Iterator[dict]:
+        """``count`` training images (at most the split) drawn without replacement from the
+        random stream ``stream`` of the run's seed, collated ``chunk`` at a time on the device:
+        the fixed image sets of stage 0b and of the edge stage's path table."""
+        k = min(count, len(self.train_set))
+        gen = step_generator(self.config.seed, stream, 0)
+        idx = torch.randperm(len(self.train_set), generator=gen)[:k].tolist()
+        for start in range(0, k, chunk):
+            batch_ = collate([self.train_set[i] for i in idx[start : start + chunk]])
+            yield {key: v.to(self.device) for key, v in batch_.items()}
+
     def batches(self, stage: str, start: int, steps: int, batch: int) -> Iterator[dict]:
         self.dist.check_batch(stage, batch)
         sampler = StepBatches(

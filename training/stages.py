@@ -29,7 +29,6 @@ from .branching import (
     task_affinity,
 )
 from .config import EdgeStage
-from .data import collate
 from .loop import freeze, task_stats, train_stage
 from .paths import batched_regularizer, expected_task_losses, own_path_losses, path_losses
 from .run import Run, step_generator
@@ -109,15 +108,11 @@ def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
 def stage_affinity(run: Run) -> torch.Tensor:
     """Stage 0b: RSA task affinity over K training images (App. D)."""
     anchor = run.model.anchor.eval()
-    k = min(run.config.affinity.images, len(run.train_set))
-    gen = step_generator(run.config.seed, "affinity", 0)
-    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
     feats: list[list[list[torch.Tensor]]] = [
         [[] for _ in range(anchor.n_tasks)] for _ in range(anchor.num_layers)
     ]
-    for chunk in range(0, k, AFFINITY_CHUNK):
-        images = [run.train_set[i] for i in idx[chunk : chunk + AFFINITY_CHUNK]]
-        x = collate(images)["image"].to(run.device)
+    for batch in run.sample_batches("affinity", run.config.affinity.images, AFFINITY_CHUNK):
+        x = batch["image"]
         for j in range(anchor.n_tasks):
             y = x
             for l in range(anchor.num_layers):
@@ -228,16 +223,7 @@ def path_table(run: Run) -> torch.Tensor:
     units of its own stream's, so the regularizer trades the same relative loss for sharing
     whatever the task's loss level (multidigits' training losses are ~0.005, scenes' ~0.5).
     """
-    k = min(run.config.edge.path_images, len(run.train_set))
-    gen = step_generator(run.config.seed, "edge-paths", 0)
-    idx = torch.randperm(len(run.train_set), generator=gen)[:k].tolist()
-    batches = (
-        {
-            key: v.to(run.device)
-            for key, v in collate([run.train_set[i] for i in idx[s : s + PATH_CHUNK]]).items()
-        }
-        for s in range(0, k, PATH_CHUNK)
-    )
+    batches = run.sample_batches("edge-paths", run.config.edge.path_images, PATH_CHUNK)
     table = path_losses(run.model.anchor.eval(), batches, run.tasks)
     if run.config.edge.path_scale == "single-task":
         return (table / own_path_losses(table).clamp_min(1e-12).unsqueeze(1)).to(run.device)
