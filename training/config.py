@@ -115,24 +115,28 @@ class EdgeStage(HypernetStage):
         description="read L_active / L_inactive along each task's path (default) or by stream "
         "index as the paper's Eq. 3 and 5 write it (docs/design.md §7)",
     )
-    estimator: Literal["gumbel", "paths"] = Field(
+    estimator: Literal["gumbel", "paths", "trees"] = Field(
         default="gumbel",
         description="gumbel: the paper's soft forward on Gumbel-softmax samples; paths: the exact "
         "expected loss of hard trees from a table of every path's loss (small N and L; "
-        "docs/training.md, 'The path-table estimator')",
+        "docs/training.md, 'The path-table estimator'); trees: each sampled preference's best "
+        "hard tree under the same objective, from the same table, fitted by cross-entropy "
+        "(docs/training.md, 'The tree-table estimator')",
     )
     path_images: int = Field(
-        default=256, ge=1, description="paths estimator: training images of the path-loss table"
+        default=256,
+        ge=1,
+        description="paths and trees estimators: training images of the path-loss table",
     )
     preferences: int = Field(
-        default=32, ge=1, description="paths estimator: preferences per optimizer step"
+        default=32, ge=1, description="paths and trees estimators: preferences per optimizer step"
     )
     dense_fraction: float = Field(
         default=0.0,
         ge=0,
         le=1,
-        description="paths estimator: share of each step's preferences drawn with r ~ Dir(1) "
-        "(the dense centre of the simplex, where c acts) instead of Dir(eta)",
+        description="paths and trees estimators: share of each step's preferences drawn with "
+        "r ~ Dir(1) (the dense centre of the simplex, where c acts) instead of Dir(eta)",
     )
     branched_init: float = Field(
         default=0.0,
@@ -142,7 +146,7 @@ class EdgeStage(HypernetStage):
     )
     path_scale: Literal["loss-scale", "single-task"] = Field(
         default="loss-scale",
-        description="paths estimator: weigh task j's path losses by its loss scale w_j "
+        description="paths and trees estimators: weigh task j's path losses by its loss scale w_j "
         "(App. G), or divide them by its own stream's loss (units of the single-task loss)",
     )
     # Ablation switches (Table 6).

@@ -19,7 +19,9 @@ from .run import Run
 #: ``loss_fn(net, step, batch) -> (loss, stats)``: all that a stage supplies to the loop.
 LossFn = Callable[[nn.Module, int, dict], tuple[torch.Tensor, dict[str, float]]]
 #: The columns of the CSV log besides stage, step, lr and time.
-LOG_FIELDS = ("loss", "task_loss", "omega", "active_loss", "inactive_loss", "zeta")
+LOG_FIELDS = (
+    "loss", "task_loss", "omega", "active_loss", "inactive_loss", "zeta", "tree_agreement",
+)  # fmt: skip
 
 
 class BudgetExhaustedError(Exception):

@@ -186,20 +186,30 @@ def batched_regularizer(
     Omega = c lambda_A L_active + lambda_I L_inactive (§3.3.1).
     """
     switches = switches or RegularizerSwitches()
-    n_bounds, n = probs.shape[-3], probs.shape[-1]
     apart = 2 * (1 - merge_probabilities(probs))  # (B, N, N, L-1)
-    weights = probs.new_tensor(
-        [layer_weight(b, n_bounds + 1, switches.layer_weighting) for b in range(n_bounds)]
-    )
     active = active_mask(r, tau, switches.dichotomy)
-    eye = torch.eye(n, dtype=torch.bool, device=probs.device)
-    pairs = (active.unsqueeze(-1) & active.unsqueeze(-2) & ~eye).to(probs)
-    if affinity is not None and switches.affinity:
-        pairs = pairs * affinity.to(probs)
-    l_active = (pairs * (apart * weights).sum(-1)).sum((-1, -2))
-    to_active = apart.masked_fill(~active[:, None, :, None], float("inf")).amin(dim=-2)
-    l_inactive = torch.where(~active, to_active.sum(-1), torch.zeros_like(r)).sum(-1)
-    if not switches.inactive_loss:
-        l_inactive = torch.zeros_like(l_inactive)
+    l_active, l_inactive = regularizer_terms(apart, active, affinity, switches)
     omega = c * lambda_active * l_active + lambda_inactive * l_inactive
     return omega, l_active, l_inactive
+
+
+def regularizer_terms(
+    apart: Tensor, active: Tensor, affinity: Tensor | None, switches: RegularizerSwitches
+) -> tuple[Tensor, Tensor]:
+    """L_active and L_inactive from ``apart`` = 2 (1 - m_ij^l), (..., N, N, L-1), and the active
+    set (..., N) (broadcast against each other): the two sums of Eq. 3 and 5, path reading."""
+    n_bounds, n = apart.shape[-1], apart.shape[-2]
+    weights = apart.new_tensor(
+        [layer_weight(b, n_bounds + 1, switches.layer_weighting) for b in range(n_bounds)]
+    )
+    eye = torch.eye(n, dtype=torch.bool, device=apart.device)
+    pairs = (active.unsqueeze(-1) & active.unsqueeze(-2) & ~eye).to(apart)
+    if affinity is not None and switches.affinity:
+        pairs = pairs * affinity.to(apart)
+    l_active = (pairs * (apart * weights).sum(-1)).sum((-1, -2))
+    to_active = apart.masked_fill(~active.unsqueeze(-2).unsqueeze(-1), float("inf")).amin(dim=-2)
+    inactive = (~active).expand(to_active.shape[:-1])
+    l_inactive = torch.where(inactive, to_active.sum(-1), torch.zeros(())).sum(-1)
+    if not switches.inactive_loss:
+        l_inactive = torch.zeros_like(l_inactive)
+    return l_active, l_inactive

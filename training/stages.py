@@ -33,6 +33,7 @@ from .loop import freeze, task_stats, train_stage
 from .paths import batched_regularizer, expected_task_losses, own_path_losses, path_losses
 from .run import Run, step_generator
 from .tasks import weighted_task_loss
+from .trees import TreeTable
 
 #: r ~ Dir(1): the dense share of the path estimator's preferences (uniform on the simplex).
 DENSE_ETA = 1.0
@@ -205,6 +206,8 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
     cfg, model = run.config.edge, run.model
     if cfg.estimator == "paths":
         return stage_edge_paths(run, start, opt_state)
+    if cfg.estimator == "trees":
+        return stage_edge_trees(run, start, opt_state)
     freeze(model.anchor)
     objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
 
@@ -244,12 +247,11 @@ def branched_init_(hyper: nn.Module, bias: float) -> None:
         head.bias.copy_((torch.eye(n) * bias).flatten().to(head.bias))
 
 
-def edge_paths_loss(
-    net: nn.Module, objective: EdgeObjective, table: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step of stage 1 with the path table: the mean over ``preferences`` (r, c) pairs of
-    E_tree[sum_i r_i w_i L_i] + Omega(r, c), exact on softmax(logits) (training/paths.py)."""
-    cfg, device, n = objective.cfg, objective.affinity.device, len(objective.tasks)
+def edge_preferences(
+    cfg: EdgeStage, n: int, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's ``preferences`` (r, c) pairs of the table estimators: r ~ Dir(1) for the
+    ``dense_fraction`` share, Dir(eta) for the rest, c ~ U(0, 1); drawn from ``gen`` in order."""
     dense = round(cfg.dense_fraction * cfg.preferences)
     prefs = [
         sample_preference(n, DENSE_ETA if k < dense else cfg.eta, gen)
@@ -257,6 +259,16 @@ def edge_paths_loss(
     ]
     r = torch.stack([p[0] for p in prefs]).to(device)
     c = torch.stack([p[1] for p in prefs]).to(device)
+    return r, c
+
+
+def edge_paths_loss(
+    net: nn.Module, objective: EdgeObjective, table: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 1 with the path table: the mean over ``preferences`` (r, c) pairs of
+    E_tree[sum_i r_i w_i L_i] + Omega(r, c), exact on softmax(logits) (training/paths.py)."""
+    cfg = objective.cfg
+    r, c = edge_preferences(cfg, len(objective.tasks), gen, objective.affinity.device)
     logits = net(r, c)
     if cfg.logit_bound is not None:
         logits = cfg.logit_bound * torch.tanh(logits / cfg.logit_bound)
@@ -287,6 +299,45 @@ def stage_edge_paths(run: Run, start: int, opt_state: Any = None) -> None:
     def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return edge_paths_loss(
             net, objective, table, step_generator(run.config.seed, "edge-pref", step)
+        )
+
+    train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
+
+
+def edge_trees_loss(
+    net: nn.Module, objective: EdgeObjective, trees: TreeTable, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 1 with the tree table: cross-entropy of the hypernet's parent logits
+    against each sampled preference's best hard tree, on the nodes that tree uses
+    (training/trees.py)."""
+    cfg = objective.cfg
+    r, c = edge_preferences(cfg, len(objective.tasks), gen, objective.affinity.device)
+    best = trees.best(r, c, cfg.lambda_active, cfg.lambda_inactive)
+    target, used = trees.parents[best].to(r.device), trees.used[best].to(r.device)
+    logits = net(r, c).float()
+    ce = nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
+    used_f = used.flatten().to(ce)
+    loss = (ce * used_f).sum() / used_f.sum()
+    agree = ((logits.argmax(-1) == target) | ~used).flatten(1).all(-1)
+    stats = {
+        "tree_agreement": agree.float().mean().item(),
+        "task_loss": (r.double().cpu() * trees.task_losses[best.cpu()]).sum(-1).mean().item(),
+    }
+    return loss, stats
+
+
+def stage_edge_trees(run: Run, start: int, opt_state: Any = None) -> None:
+    """Stage 1 with the tree-table estimator (``[edge] estimator = "trees"``)."""
+    cfg, model = run.config.edge, run.model
+    freeze(model.anchor)
+    objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
+    trees = TreeTable.build(
+        path_table(run), model.n_layers, objective.affinity, objective.tau, objective.switches
+    )
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return edge_trees_loss(
+            net, objective, trees, step_generator(run.config.seed, "edge-pref", step)
         )
 
     train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
