@@ -261,6 +261,20 @@ def test_dymu_train_cli(tmp_path):
     assert second.manifest["training"]["config"]["anchor"]["pretrained"].endswith("v1")
     for key, value in first.anchor.state_dict().items():
         assert torch.equal(value, second.anchor.state_dict()[key]), key
+    # with a subset of the stages the streams are still the artifact's, not a fresh init
+    subset = subprocess.run(
+        [
+            str(exe), "train", "scenes-tiny", "--out", str(tmp_path / "store" / "t"),
+            "--run-dir", str(tmp_path / "run3"), "--device", "cpu", "--quiet",
+            "--stages", "affinity,edge", "--anchor-from", str(tmp_path / "store" / "t" / "v1"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert subset.returncode == 0, subset.stderr
+    third = dymu.load(tmp_path / "store" / "t" / "v3", device="cpu")
+    assert set(third.manifest["training"]["stages"]) == {"affinity", "edge"}
+    for key, value in first.anchor.state_dict().items():
+        assert torch.equal(value, third.anchor.state_dict()[key]), key
     bad = subprocess.run([str(exe), "train", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("dymu: error: no config")
 

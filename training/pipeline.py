@@ -128,7 +128,7 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(config)
     model = build_model(config, tuple(dataset.tasks)).to(dev)
-    if config.anchor.pretrained and "anchor" in stages:
+    if config.anchor.pretrained:  # whatever the stages: the controller trains on these streams
         source = dymu.load(config.anchor.pretrained, device=dev)
         model.anchor.load_state_dict(source.anchor.state_dict())
         stages = tuple(s for s in stages if s not in ("trunk", "anchor"))
