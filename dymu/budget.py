@@ -1,6 +1,6 @@
 """Compute budgets: the most accurate tree of a preference ``r`` that fits a FLOP budget.
 
-A budget replaces ``c`` (docs/core.md, "Budgets"): ``{"max_gflops": x}`` or
+A budget replaces ``c`` (docs/service.md, "Budgets"): ``{"max_gflops": x}`` or
 ``{"max_fraction": f}`` (a share of the full anchor's FLOPs), for an input size and a task
 subset. For a fixed ``r`` the edge hypernet's arg-max tree is piecewise constant in ``c``.
 :func:`c_segments` finds the pieces: it evaluates the tree on a coarse grid of ``c`` and bisects

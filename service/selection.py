@@ -38,11 +38,12 @@ class Selected:
     degraded: str | None  # None, or the reason: "queue" / "full"
     budget: BudgetOut | None
 
-    headroom: bool = False  # admitted past the server's limit: may queue past max_queue
+    headroom: bool = False  # allows degrading on a degrading server: may queue past max_queue
 
     def queue_limit(self, max_queue: int) -> int | None:
-        """The batcher's bound for this request's images: one admitted past the limit may use
-        the headroom the gate gave it (twice ``max_queue``), others the usual bound."""
+        """The batcher's bound for this request's images: a request that allows degrading on a
+        degrading server may use the headroom the gate gives it (twice ``max_queue``), others
+        the usual bound."""
         return 2 * max_queue if self.headroom else None
 
 
@@ -96,7 +97,8 @@ async def select(
         svc, lm, fields.preference_id, fields.r, fields.c, fields.budget, subset
     )
     allowed = bool(fields.allow_degrade or state.get("allow_degrade"))
-    headroom = bool(state.get("over_admitted"))
+    # An allowing request on a degrading server is not refused by the batcher's bound either.
+    headroom = bool(state.get("over_admitted")) or (allowed and svc.degrading)
     reason = degrade_reason(svc, state) if allowed else None
     if reason is None:
         return Selected(pref, key, pref, None, budget, headroom)
