@@ -53,6 +53,11 @@ class BenchConfig(BaseModel):
     server_rounds: int = 20
     server_clients: tuple[int, ...] = (1, 4, 16)
     server_seconds: float = 2.0
+    # 5b overload: degrade vs refuse (docs/benchmarks.md, "Overload")
+    overload_clients: int = 64
+    overload_seconds: float = 10.0
+    overload_timeout_s: float = 5.0
+    overload_queue: int = 32
 
     # 6 scaling
     scaling_ns: tuple[int, ...] = (2, 3, 5, 10, 20)
@@ -84,6 +89,9 @@ PRESETS: dict[str, dict] = {
         server_rounds=3,
         server_clients=(1, 2),
         server_seconds=0.3,
+        overload_clients=4,
+        overload_seconds=0.5,
+        overload_queue=2,
         scaling_ns=(2, 3),
         scaling_size="24x32",
         scaling_batch=2,
@@ -113,6 +121,7 @@ PRESETS: dict[str, dict] = {
         server_sizes=("model", "288x384"),
         server_rounds=60,
         server_seconds=6.0,
+        overload_seconds=30.0,
         scaling_size="96x128",
         scaling_batch=8,
         scaling_rounds=5,

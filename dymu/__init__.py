@@ -7,15 +7,19 @@ Entry points::
     net = model.materialize([0.6, 0.2, 0.2], 0.5)        # nn.Module: only the used nodes run
     outputs = net(images)                                # {task: tensor}
     net.cost((96, 128))                                  # Cost(flops, params), 1 MAC = 2 FLOPs
+    net = model.materialize([0.6, 0.2, 0.2], budget={"max_gflops": 0.25})  # lowest c that fits
 """
 
 from . import backbones  # noqa: F401  (registers the built-in backbones)
 from .architecture import Architecture
+from .budget import Budget, BudgetChoice
 from .config import BackboneConfig, HypernetConfig, ModelConfig, TaskSpec
 from .cost import Cost, CostModel
 from .errors import (
     ArchitectureError,
     ArtifactError,
+    BudgetError,
+    BudgetInfeasibleError,
     ConfigError,
     DymuError,
     InputError,
@@ -34,6 +38,10 @@ __all__ = [
     "ArchitectureError",
     "ArtifactError",
     "BackboneConfig",
+    "Budget",
+    "BudgetChoice",
+    "BudgetError",
+    "BudgetInfeasibleError",
     "ConfigError",
     "ControllableModel",
     "Cost",

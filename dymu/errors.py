@@ -23,6 +23,20 @@ class PreferenceError(DymuError, ValueError):
     """A preference (r, c) outside its domain: r not on/towards the simplex, c not in [0, 1]."""
 
 
+class BudgetError(PreferenceError):
+    """A compute budget that is malformed, given together with c, or that no tree of the
+    preference fits (:class:`BudgetInfeasibleError`); see :mod:`dymu.budget`."""
+
+
+class BudgetInfeasibleError(BudgetError):
+    """A budget below the cheapest tree of the preference's r; carries that cheapest cost."""
+
+    def __init__(self, message: str, cheapest_flops: int, cheapest_c: float) -> None:
+        super().__init__(message)
+        self.cheapest_flops = cheapest_flops
+        self.cheapest_c = cheapest_c
+
+
 class TaskError(DymuError, ValueError):
     """Unknown, duplicate or empty task selection."""
 

@@ -12,6 +12,16 @@ from torch import nn
 
 from .anchor import AnchorNet, BNDeltas
 from .architecture import Architecture
+from .budget import (
+    Budget,
+    BudgetChoice,
+    Segment,
+    at_c,
+    c_segments,
+    check_exclusive,
+    choose,
+    parse_budget,
+)
 from .config import ConfigTasks, ModelConfig
 from .cost import Cost, CostModel
 from .errors import ArchitectureError
@@ -120,17 +130,25 @@ class ControllableModel(ConfigTasks, nn.Module):
         adapt: bool = True,
         fold_bn: bool = True,
         architecture: Architecture | None = None,
+        budget: Budget | dict[str, float] | None = None,
     ) -> MaterializedModel:
         """The tree for ``(r, c)`` restricted to ``tasks``, BN adapted and folded, in eval mode.
 
         ``adapt=False`` skips the weight hypernet (the paper's "w/o adaptation");
         ``architecture`` overrides the edge hypernet's choice (e.g. a hand-made tree).
+        ``budget`` (instead of ``c``: ``{"max_gflops": x}`` or ``{"max_fraction": f}``) picks
+        the lowest c whose tree fits at the model's input size for ``tasks``
+        (:meth:`within_budget`; the result's ``preference.c`` is the chosen c).
 
         A new preference is cheap: the folded structure of each tree is kept (a
         :class:`~dymu.materialize.Skeleton` per tree and task subset, rebuilt when the weights
         change) and only its adapted weights are recomputed, in one vectorized step.
         """
-        pref = self.preference(r, c)
+        check_exclusive(c, budget)
+        if budget is not None:
+            pref = self.within_budget(r, budget, tasks).preference
+        else:
+            pref = self.preference(r, c)
         task_idx = resolve_tasks(tasks, self.tasks)
         with torch.no_grad():
             arch, z = self.controller(pref, architecture, adapt)
@@ -215,6 +233,39 @@ class ControllableModel(ConfigTasks, nn.Module):
             ):
                 self._skeletons.popitem(last=False)
         return made
+
+    # -- budgets (dymu/budget.py) -----------------------------------------------------------
+    def c_segments(self, r: Any) -> list[Segment]:
+        """The pieces of c in [0, 1] on which the arg-max tree of ``r`` is constant, in order
+        of c, each starting at the lowest canonical c of its tree (:func:`dymu.budget.c_segments`).
+        ``r`` may be a :class:`Preference` (its c is ignored)."""
+        pref = r if isinstance(r, Preference) else self.preference(r, 0.0)
+        # One unbatched pass per c, as materialize computes the tree: a batched pass can round
+        # differently (another matmul kernel) right where two logits cross.
+        return c_segments(lambda units: [self.architecture(at_c(pref, u)) for u in units])
+
+    def within_budget(
+        self,
+        r: Any,
+        budget: Budget | dict[str, float],
+        tasks: Iterable[str] | str | None = None,
+        input_hw: tuple[int, int] | None = None,
+        segments: list[Segment] | None = None,
+    ) -> BudgetChoice:
+        """The lowest c in [0, 1] whose arg-max tree for ``r`` fits ``budget`` (FLOPs of
+        ``tasks`` at ``input_hw``, the model's input size by default): the most accurate tree
+        that fits. Raises :class:`~dymu.errors.BudgetInfeasibleError` (naming the cheapest
+        cost) when none does. ``segments``: :meth:`c_segments` of ``r``, if already known."""
+        pref = r if isinstance(r, Preference) else self.preference(r, 0.0)
+        budget = parse_budget(budget)
+        task_idx = resolve_tasks(tasks, self.tasks)
+        limit = budget.limit_flops(self.anchor_cost(input_hw).flops)
+
+        def cost_of(arch: Architecture) -> Cost:
+            return self.cost_model.architecture_cost(arch, input_hw, task_idx)
+
+        segs = self.c_segments(pref) if segments is None else segments
+        return choose(pref, segs, self.architecture, cost_of, budget, limit)
 
     # -- cost -----------------------------------------------------------------------------------
     def cost(

@@ -104,6 +104,12 @@ def _as_float(v: Any, what: str) -> float:
     return f
 
 
+def as_number(v: Any, what: str) -> float:
+    """A finite number as a request sent it (bools, strings and NaN/inf are refused with
+    :class:`PreferenceError`): the one check of r's weights, c and a budget's value."""
+    return _as_float(v, what)
+
+
 def normalize_preference(r: Any, c: Any, tasks: Sequence[str]) -> Preference:
     """Validate ``(r, c)`` against the model's ``tasks`` and normalize ``r`` onto the simplex.
 

@@ -86,9 +86,10 @@ class Batcher:
         self._groups.clear()
         self._set_depth(0)
 
-    def submit(self, key: Hashable, payload: Any) -> Job:
-        """Queue one image; raises :class:`OverloadedError` at once when the queue is full."""
-        if self._depth >= self.max_queue:
+    def submit(self, key: Hashable, payload: Any, limit: int | None = None) -> Job:
+        """Queue one image; raises :class:`OverloadedError` at once when the queue is full
+        (``limit`` images waiting; ``max_queue`` by default)."""
+        if self._depth >= (self.max_queue if limit is None else limit):
             if self._metrics is not None:
                 self._metrics.queue_rejections.inc()
             raise OverloadedError(

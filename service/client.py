@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 
 from .schemas import (
+    ALLOW_DEGRADE_HEADER,
     AdminResult,
     CostMap,
     ModelInfo,
@@ -127,10 +128,16 @@ def _predict_request(
     tasks: Sequence[str] | None,
     format: str,
     transport: str,
+    budget: Mapping[str, float] | None = None,
+    allow_degrade: bool = False,
 ) -> dict[str, Any]:
     data = image_bytes(image)
     if transport == "json":
         body: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii"), "format": format}
+        if budget is not None:
+            body["budget"] = dict(budget)
+        if allow_degrade:
+            body["allow_degrade"] = True
         if preference_id is not None:
             body["preference_id"] = preference_id
         if r is not None:
@@ -139,7 +146,7 @@ def _predict_request(
             body["c"] = c
         if tasks is not None:
             body["tasks"] = list(tasks)
-        return {"json": body}
+        return {"json": body, "headers": _degrade_headers(allow_degrade)}
     if transport != "multipart":
         raise ValueError("transport must be 'multipart' or 'json'")
     fields: dict[str, str] = {"format": format}
@@ -151,7 +158,31 @@ def _predict_request(
         fields["c"] = repr(float(c))
     if tasks is not None:
         fields["tasks"] = ",".join(tasks)
-    return {"files": {"image": ("image", data, "application/octet-stream")}, "data": fields}
+    if budget is not None:
+        fields["budget"] = json.dumps(dict(budget))
+    if allow_degrade:
+        fields["allow_degrade"] = "true"
+    files = {"image": ("image", data, "application/octet-stream")}
+    return {"files": files, "data": fields, "headers": _degrade_headers(allow_degrade)}
+
+
+def _degrade_headers(allow_degrade: bool) -> dict[str, str]:
+    """The header that lets even a full server admit the request to run degraded (the gate
+    reads it before the body)."""
+    return {ALLOW_DEGRADE_HEADER: "1"} if allow_degrade else {}
+
+
+def _preference_body(
+    r: Weights, c: float | None, budget: Mapping[str, float] | None, tasks: Sequence[str] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"r": dict(r) if isinstance(r, Mapping) else list(r)}
+    if c is not None:
+        body["c"] = c
+    if budget is not None:
+        body["budget"] = dict(budget)
+    if tasks is not None:
+        body["tasks"] = list(tasks)
+    return body
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -246,8 +277,17 @@ class DymuClient:
     def model(self) -> ModelInfo:
         return ModelInfo.model_validate(_check(self._http.get("/v1/model")).json())
 
-    def create_preference(self, r: Weights, c: float = 0.0) -> PreferenceRecord:
-        body = {"r": dict(r) if isinstance(r, Mapping) else list(r), "c": c}
+    def create_preference(
+        self,
+        r: Weights,
+        c: float | None = None,
+        *,
+        budget: Mapping[str, float] | None = None,
+        tasks: Sequence[str] | None = None,
+    ) -> PreferenceRecord:
+        """POST /preference: ``(r, c)`` (c defaults to 0 on the server), or ``r`` under a
+        ``budget`` (``{"max_gflops": x}`` or ``{"max_fraction": f}``) for ``tasks``."""
+        body = _preference_body(r, c, budget, tasks)
         return PreferenceRecord.model_validate(
             _check(self._http.post("/preference", json=body)).json()
         )
@@ -275,9 +315,13 @@ class DymuClient:
         format: str = "json",
         transport: str = "multipart",
         decode: bool = True,
+        budget: Mapping[str, float] | None = None,
+        allow_degrade: bool = False,
     ) -> PredictResult:
         """Predict one image. ``decode=False`` leaves JSON outputs encoded (``.encoded``)."""
-        kwargs = _predict_request(image, preference_id, r, c, tasks, format, transport)
+        kwargs = _predict_request(
+            image, preference_id, r, c, tasks, format, transport, budget, allow_degrade
+        )
         return _predict_result(self._http.post("/predict", **kwargs), decode)
 
     def metrics(self) -> str:
@@ -343,8 +387,17 @@ class AsyncDymuClient:
     async def model(self) -> ModelInfo:
         return ModelInfo.model_validate(_check(await self._http.get("/v1/model")).json())
 
-    async def create_preference(self, r: Weights, c: float = 0.0) -> PreferenceRecord:
-        body = {"r": dict(r) if isinstance(r, Mapping) else list(r), "c": c}
+    async def create_preference(
+        self,
+        r: Weights,
+        c: float | None = None,
+        *,
+        budget: Mapping[str, float] | None = None,
+        tasks: Sequence[str] | None = None,
+    ) -> PreferenceRecord:
+        """POST /preference: ``(r, c)`` (c defaults to 0 on the server), or ``r`` under a
+        ``budget`` (``{"max_gflops": x}`` or ``{"max_fraction": f}``) for ``tasks``."""
+        body = _preference_body(r, c, budget, tasks)
         response = await self._http.post("/preference", json=body)
         return PreferenceRecord.model_validate(_check(response).json())
 
@@ -370,8 +423,12 @@ class AsyncDymuClient:
         format: str = "json",
         transport: str = "multipart",
         decode: bool = True,
+        budget: Mapping[str, float] | None = None,
+        allow_degrade: bool = False,
     ) -> PredictResult:
-        kwargs = _predict_request(image, preference_id, r, c, tasks, format, transport)
+        kwargs = _predict_request(
+            image, preference_id, r, c, tasks, format, transport, budget, allow_degrade
+        )
         return _predict_result(await self._http.post("/predict", **kwargs), decode)
 
     async def metrics(self) -> str:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dymu.errors import (
     ArchitectureError,
     ArtifactError,
+    BudgetError,
     ConfigError,
     DymuError,
     InputError,
@@ -110,6 +111,7 @@ class ForbiddenError(ServiceError):
 #: The one mapping from error class to HTTP status (most specific class first wins via MRO).
 STATUS: dict[type[BaseException], int] = {
     # dymu core
+    BudgetError: 422,  # malformed, with c, or below the cheapest tree (which it names)
     PreferenceError: 422,
     TaskError: 422,
     InputError: 422,
@@ -145,7 +147,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         408: "the body was sent too slowly",
         413: "body or image too large",
         415: "not a PNG or JPEG image / unsupported body type",
-        422: "invalid preference, task, id, image or field (unknown or given twice)",
+        422: "invalid preference, budget (or one below the cheapest tree), task, id, image or "
+        "field (unknown or given twice)",
         503: "not ready, draining, or full (Retry-After)",
         504: "the request ran past the per-request timeout",
     }.items()

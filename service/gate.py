@@ -3,9 +3,11 @@
 In order: the request's start time and deadline go into ``scope["state"]``; a /predict call
 (or an Open Inference Protocol infer call, ``/v2/models/{model}[/versions/{v}]/infer``) is
 admitted or refused (503 + Retry-After) *before its body is read*, so a full server answers in
-milliseconds however large the body; a body is read up to ``max_body_bytes`` (413 beyond,
-before the rest is read) within ``body_timeout_s`` (408, connection closed) and replayed to the
-app. Every request is counted and timed per route template.
+milliseconds however large the body (with ``DYMU_OVERLOAD=degrade``, a request whose
+``X-Dymu-Allow-Degrade`` header allows it is admitted past the limit to run degraded); a body
+is read up to ``max_body_bytes`` (413 beyond, before the rest is read) within
+``body_timeout_s`` (408, connection closed) and replayed to the app. Every request is counted
+and timed per route template.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import errors
 from .errors import ClientDisconnectedError, RequestReadTimeoutError, ServiceError
 from .oip_codec import INFER_PATH, error_body
 from .parsing import asgi_chunks, check_declared_length, read_limited
+from .schemas import ALLOW_DEGRADE_HEADER
 from .state import Service
 
 #: The routes admitted by :meth:`Service.admit` (the ones that queue work on the model) ...
@@ -28,6 +31,12 @@ ADMITTED = frozenset({("POST", "/predict")})
 #: ... and the OIP infer routes' templates (their paths carry the model name and version).
 INFER_TEMPLATES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def allows_degrade(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's ``X-Dymu-Allow-Degrade`` header is ``1`` or ``true``."""
+    value = dict(headers).get(ALLOW_DEGRADE_HEADER.lower().encode(), b"")
+    return value.strip().lower() in (b"1", b"true")
 
 
 def admitted(method: str, path: str) -> bool:
@@ -84,7 +93,11 @@ class Gate:
         taken = False  # admitted here: released when the request is done
         try:
             if admitted(method, scope["path"]):
-                self.service.admit()
+                # Only /predict degrades (service/selection.py); OIP infer is admitted as ever.
+                allow = scope["path"] == "/predict" and allows_degrade(scope.get("headers") or [])
+                state = scope.setdefault("state", {})
+                state["allow_degrade"] = allow
+                state["over_admitted"] = self.service.admit(allow)
                 taken = True
             if method in BODY_METHODS:
                 receive = await self._read_body(scope, receive)

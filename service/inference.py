@@ -60,9 +60,10 @@ async def run_images(
     pref: dymu.Preference,
     subset: TaskSubset,
     xs: list[torch.Tensor],
+    queue_limit: int | None = None,
 ) -> Ran:
     """The outputs of ``xs`` (normalized (3, H, W) tensors of one size) under the sub-network
-    of ``pref`` restricted to ``subset``."""
+    of ``pref`` restricted to ``subset`` (``queue_limit``: the batcher's bound for them)."""
     entry, computed = await svc.entry(lm, key, pref)
     runner = await svc.runner(lm, entry, subset)
     assert svc.batcher is not None
@@ -71,7 +72,7 @@ async def run_images(
     jobs = []
     try:
         for x in xs:
-            jobs.append(svc.batcher.submit(group, (lm, runner, x)))
+            jobs.append(svc.batcher.submit(group, (lm, runner, x), queue_limit))
         # Cancelling the wait (the deadline) cancels the jobs' futures: the batcher skips them.
         outs: list[Output] = list(await asyncio.gather(*(job.future for job in jobs)))
     except BaseException:

@@ -73,6 +73,14 @@ class Metrics:
             "Predictions refused with 503 because the queue was full",
             registry=r,
         )
+        self.degraded = Counter(
+            "dymu_degraded_requests_total",
+            "Predictions served at the degrade c or budget instead of their own preference "
+            "(DYMU_OVERLOAD=degrade), by reason: queue (over the threshold) or full (admitted "
+            "past the limit instead of a 503)",
+            ["reason"],
+            registry=r,
+        )
         self.timeouts = Counter(
             "dymu_request_timeouts_total", "Predictions that ran past the timeout", registry=r
         )

@@ -189,8 +189,11 @@ async def predict_form(request: Request) -> PredictBody:
         data = await image.read() if isinstance(image, UploadFile) else image.encode()
     if "r" in fields:
         fields["r"] = parse_r_text(fields["r"])
-    if "c" in fields:
-        fields["c"] = form_value(fields["c"])
+    for name in ("c", "allow_degrade"):
+        if name in fields:
+            fields[name] = form_value(fields[name])
+    if "budget" in fields:
+        fields["budget"] = loads(fields["budget"])
     return PredictBody(validated(PredictJSON, {**fields, "image": ""}), data)
 
 

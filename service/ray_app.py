@@ -210,9 +210,13 @@ class DymuIngress:
         try:
             if method == "POST" and path == "/predict":
                 fields = (await parse_predict(replayed(request, body))).fields
+                if fields.budget is not None:  # the c a budget chooses needs the weights
+                    return None
                 _, key = self.ids.select(fields.preference_id, fields.r, fields.c)
             elif method == "POST" and path == "/preference":
                 pref = validated(PreferenceIn, loads(body))
+                if pref.budget is not None:
+                    return None
                 _, key = self.ids.parse(pref.r, pref.c)
             elif method == "POST" and oip_codec.INFER_PATH.match(path):  # Open Inference Protocol
                 pid, r, c = oip_codec.preference_fields(

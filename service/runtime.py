@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -20,9 +21,13 @@ import torch
 
 import dymu
 from dymu.architecture import Architecture
+from dymu.budget import BudgetChoice, Segment, at_c
 from dymu.cost import Cost
+from dymu.errors import BudgetInfeasibleError
 from dymu.preference import (
+    KEY_SCALE,
     Preference,
+    canonical_key,
     normalize_c,
     resolve_tasks,
     simplex_grid,
@@ -34,13 +39,15 @@ from .backends import OnnxPool, Runner, measure_backends, resolve_backend
 from .errors import BadRequestError
 from .imaging import normalization_for, to_tensor
 from .metrics import Metrics
-from .schemas import ArchitectureOut, CostMap, CostMapPoint, CostOut
+from .schemas import ArchitectureOut, BudgetOut, CostMap, CostMapPoint, CostOut
 from .settings import Settings
 
 log = logging.getLogger("dymu.service")
 
 #: Grid points one cost map may have: resolution 100 for 3 tasks (a few hundred ms on a CPU).
 MAX_COST_MAP_POINTS = 5151
+#: The c segments (dymu.budget) kept, one list per canonical r (LRU).
+MAX_SEGMENT_LISTS = 1024
 
 
 @dataclass
@@ -139,6 +146,8 @@ class LoadedModel:
             self.ids.default_key,
         )
         self.default_id = self.ids.default_id
+        self._segments: OrderedDict[tuple[int, ...], list[Segment]] = OrderedDict()
+        self._segments_lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> LoadedModel:
@@ -199,6 +208,53 @@ class LoadedModel:
                 self.metrics.materialize_seconds.observe(time.perf_counter() - t0)
                 entry.runners[subset.indices] = found
         return found
+
+    # -- budgets and degrading (blocking; worker threads) ---------------------------------------
+    def segments(self, pref: Preference) -> list[Segment]:
+        """The c segments of ``pref``'s r (:meth:`dymu.ControllableModel.c_segments`), kept
+        per canonical r: a budget or a degraded request for a known r costs no search."""
+        rkey = canonical_key(pref)[0]
+        with self._segments_lock:
+            found = self._segments.get(rkey)
+            if found is not None:
+                self._segments.move_to_end(rkey)
+                return found
+        made = self.model.c_segments(pref)
+        with self._segments_lock:
+            self._segments[rkey] = made
+            while len(self._segments) > MAX_SEGMENT_LISTS:
+                self._segments.popitem(last=False)
+        return made
+
+    def within_budget(self, pref: Preference, budget: Any, subset: TaskSubset) -> BudgetChoice:
+        """The lowest c of the canonical ``pref``'s r whose tree fits ``budget`` for ``subset``
+        at the model's input size (422 ``budget_infeasible_error`` naming the cheapest)."""
+        return self.model.within_budget(
+            pref, budget, subset.names, self.input_size, self.segments(pref)
+        )
+
+    def degraded(self, pref: Preference, subset: TaskSubset) -> Preference:
+        """``pref``'s r at the degrade c, or at the lowest c that fits the degrade budget (the
+        cheapest tree's c when none does): what a degraded request runs (canonical)."""
+        budget = self.settings.degrade_budget
+        if budget is None:
+            return at_c(pref, round(self.settings.degrade_c * KEY_SCALE))
+        try:
+            return self.within_budget(pref, budget, subset).preference
+        except BudgetInfeasibleError as exc:
+            return at_c(pref, round(exc.cheapest_c * KEY_SCALE))
+
+    def budget_out(self, choice: BudgetChoice, subset: TaskSubset, search_s: float) -> BudgetOut:
+        return BudgetOut(
+            max_gflops=choice.budget.max_gflops,
+            max_fraction=choice.budget.max_fraction,
+            limit_flops=choice.limit_flops,
+            c=choice.c,
+            tasks=list(subset.names),
+            cost=cost_out(choice.cost, self.anchor_cost, self.input_size),
+            n_trees=choice.segments,
+            search_ms=round(search_s * 1e3, 3),
+        )
 
     def cost_map(self, c: Any, resolution: int, tasks: Any = None) -> CostMap:
         """The paper's Figure 5 for one ``c``: the cost of the arg-max tree at every point of

@@ -11,6 +11,10 @@ HEADER_PREFIX = "X-Dymu-"
 #: "hit" when the request's sub-network came from this process's preference cache, else "miss".
 CACHE_HEADER = HEADER_PREFIX + "Cache"
 NPZ_MEDIA_TYPE = "application/x-npz"
+#: A request header: "1" lets the server degrade this prediction under load.
+ALLOW_DEGRADE_HEADER = HEADER_PREFIX + "Allow-Degrade"
+#: A response header: "1" when the prediction ran degraded, else "0".
+DEGRADED_HEADER = HEADER_PREFIX + "Degraded"
 
 # r and c are validated by the core (dymu.preference.canonicalize), not by pydantic, so that
 # the HTTP layer accepts exactly what dymu.Preference accepts (pydantic's lax mode would turn
@@ -26,6 +30,33 @@ R_DESCRIPTION = (
     "or a {task: weight} map where missing tasks count 0; normalized to sum to 1."
 )
 C_DESCRIPTION = "Frugality c in [0, 1]: 0 spends what helps the tasks, 1 shares as much as it can."
+BUDGET_DESCRIPTION = (
+    "Instead of c: the most accurate tree of r that fits a compute budget, per image at the "
+    "model's input size for the task subset; the server picks the lowest c whose tree fits "
+    "(docs/service.md, Budgets)."
+)
+ALLOW_DEGRADE_DESCRIPTION = (
+    "Under load (DYMU_OVERLOAD=degrade, queue over the threshold) this request may run its r at "
+    "the server's degrade c or budget instead of waiting or being refused (docs/service.md)."
+)
+
+
+class BudgetIn(BaseModel):
+    """A compute budget: exactly one of ``max_gflops`` and ``max_fraction``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"max_gflops": 0.25}, {"max_fraction": 0.6}]},
+    )
+
+    max_gflops: RawNumber | None = Field(None, description="GFLOPs per image (> 0)")
+    max_fraction: RawNumber | None = Field(
+        None, description="share of the full anchor's FLOPs (> 0; 1 = the anchor)"
+    )
+
+
+# Validated by the core (dymu.budget.parse_budget), like r and c; the schema documents it.
+RawBudget = SkipValidation[BudgetIn]
 
 
 class PreferenceIn(BaseModel):
@@ -37,12 +68,18 @@ class PreferenceIn(BaseModel):
             "examples": [
                 {"r": [0.6, 0.3, 0.1], "c": 0.3},
                 {"r": {"depth": 2, "normals": 1}, "c": 0.0},
+                {"r": [0.6, 0.3, 0.1], "budget": {"max_gflops": 0.25}},
+                {"r": [1, 1, 1], "budget": {"max_fraction": 0.5}, "tasks": ["depth"]},
             ]
         },
     )
 
     r: RawWeights = Field(description=R_DESCRIPTION)
-    c: RawNumber = Field(0.0, description=C_DESCRIPTION)
+    c: RawNumber | None = Field(None, description=C_DESCRIPTION + " Default 0.")
+    budget: RawBudget | None = Field(None, description=BUDGET_DESCRIPTION + " Not with c.")
+    tasks: list[str] | None = Field(
+        None, description="with a budget: the task subset it is for (default: all)"
+    )
 
 
 class ArchitectureOut(BaseModel):
@@ -98,6 +135,19 @@ class CostMap(BaseModel):
     points: list[CostMapPoint]
 
 
+class BudgetOut(BaseModel):
+    """What a budget chose: the lowest c whose tree fits, and that tree's cost."""
+
+    max_gflops: float | None = None
+    max_fraction: float | None = None
+    limit_flops: float = Field(description="the budget in FLOPs per image")
+    c: float = Field(description="the c chosen: the lowest in [0, 1] whose tree fits")
+    tasks: list[str] = Field(description="the task subset the cost is for")
+    cost: CostOut = Field(description="the chosen tree's cost for that subset")
+    n_trees: int = Field(description="distinct trees of this r over c in [0, 1]")
+    search_ms: float = Field(description="time to find the trees' c segments and choose")
+
+
 class PreferenceRecord(BaseModel):
     """A preference as the server computed it."""
 
@@ -115,6 +165,7 @@ class PreferenceRecord(BaseModel):
     backends: dict[str, str] = Field(
         description="state per backend for the full task set: ready, building, failed, disabled"
     )
+    budget: BudgetOut | None = Field(None, description="set when a budget chose c")
 
 
 class PredictJSON(BaseModel):
@@ -126,6 +177,8 @@ class PredictJSON(BaseModel):
             "examples": [
                 {"image": "<base64 PNG or JPEG>", "preference_id": None, "format": "json"},
                 {"image": "<base64 PNG>", "r": [1, 0, 0], "c": 0.5, "tasks": ["segmentation"]},
+                {"image": "<base64 PNG>", "r": [1, 1, 1], "budget": {"max_gflops": 0.2}},
+                {"image": "<base64 PNG>", "r": [1, 1, 1], "c": 0, "allow_degrade": True},
             ]
         },
     )
@@ -136,6 +189,8 @@ class PredictJSON(BaseModel):
     c: RawNumber | None = Field(None, description=C_DESCRIPTION + " With r; default 0.")
     tasks: list[str] | None = Field(None, description="task subset (default: all)")
     format: OutputFormat = Field("json", description="json (PNG maps) or npz (float32 arrays)")
+    budget: RawBudget | None = Field(None, description=BUDGET_DESCRIPTION + " With r, not c.")
+    allow_degrade: bool = Field(False, description=ALLOW_DEGRADE_DESCRIPTION)
 
 
 class RequestMetrics(BaseModel):
@@ -154,6 +209,12 @@ class RequestMetrics(BaseModel):
     input_size: list[int]
     device: str
     backend: str
+    c: float = Field(description="the c actually served")
+    requested_c: float = Field(description="the c asked for (or chosen by the budget)")
+    degraded: bool = Field(
+        False, description="served at the degrade c or budget because the server was loaded"
+    )
+    budget: BudgetOut | None = Field(None, description="set when a budget chose c")
 
 
 class Prediction(BaseModel):

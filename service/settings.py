@@ -13,7 +13,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dymu.budget import parse_budget
+
 Backend = Literal["auto", "torch", "torch-cl", "onnx"]
+Overload = Literal["refuse", "degrade"]
 
 
 class Settings(BaseSettings):
@@ -77,6 +80,25 @@ class Settings(BaseSettings):
         "timeout + 5 s; never less than the request timeout)",
     )
 
+    # -- degrade under load (docs/service.md, "Degrade under load") ---------------------------
+    overload: Overload = Field(
+        "refuse",
+        description="refuse: a full server answers 503 (as always); degrade: requests that allow "
+        "it run at degrade_c (or degrade_budget) once the queue is over the threshold",
+    )
+    degrade_c: float = Field(1.0, description="the c a degraded request runs at")
+    degrade_budget: dict[str, float] | None = Field(
+        None,
+        description='instead of degrade_c: a budget ({"max_gflops": x} or {"max_fraction": f}); '
+        "a degraded request runs the lowest c of its r that fits (the cheapest tree if none does)",
+    )
+    degrade_queue_depth: int | None = Field(
+        None,
+        ge=0,
+        description="images waiting above which requests that allow it are degraded "
+        "(None: max_queue // 2)",
+    )
+
     # -- input limits ---------------------------------------------------------------------------
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger bodies: 413")
     max_pixels: int = Field(2048 * 2048, ge=1, description="larger images: 413")
@@ -100,12 +122,26 @@ class Settings(BaseSettings):
             return v
         raise ValueError("device must be auto, cpu, cuda or cuda:<index>")
 
-    @field_validator("default_c")
+    @field_validator("default_c", "degrade_c")
     @classmethod
     def _c(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:
-            raise ValueError("default_c must be in [0, 1]")
+            raise ValueError("c must be in [0, 1]")
         return v
+
+    @field_validator("degrade_budget")
+    @classmethod
+    def _budget(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            parse_budget(v)  # the core's reason (a BudgetError is a ValueError)
+        return v
+
+    @property
+    def degrade_threshold(self) -> int:
+        """Images waiting above which a request that allows it is degraded."""
+        if self.degrade_queue_depth is not None:
+            return self.degrade_queue_depth
+        return self.max_queue // 2
 
     @field_validator("input_std")
     @classmethod

@@ -193,11 +193,24 @@ class Service:
             raise self._not_ready()
         return lm
 
-    def admit(self) -> None:
-        """Admit one prediction request before its body is read, or refuse at once (503)."""
+    @property
+    def degrading(self) -> bool:
+        """Whether requests that allow it are degraded under load (``DYMU_OVERLOAD=degrade``)."""
+        return self.settings.overload == "degrade"
+
+    def admit(self, allow_degrade: bool = False) -> bool:
+        """Admit one prediction request before its body is read, or refuse at once (503).
+
+        With ``DYMU_OVERLOAD=degrade``, a full server still admits a request that allows
+        degrading (by its header: the body is not read yet), up to ``max_queue`` past the
+        limit; it will run degraded. Returns whether it was admitted that way."""
         if self.current is None or self.status != "ready":
             raise self._not_ready()
         if self.in_flight >= self.max_in_flight:
+            headroom = self.max_in_flight + self.settings.max_queue
+            if allow_degrade and self.degrading and self.in_flight < headroom:
+                self.in_flight += 1
+                return True
             self.metrics.queue_rejections.inc()
             raise OverloadedError(
                 f"the server is full ({self.in_flight} predictions in flight, the limit is "
@@ -205,6 +218,7 @@ class Service:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         self.in_flight += 1
+        return False
 
     def release(self) -> None:
         self.in_flight -= 1

@@ -30,6 +30,7 @@ CASES = (
     "switch",
     "backends",
     "server",
+    "overload",
     "scaling",
     "paper_scale",
     "profile",

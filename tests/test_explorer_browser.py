@@ -344,6 +344,33 @@ def test_the_task_subset_runs_only_those_paths(page, api):
     expect(page.locator("#error")).to_contain_text("at least one task")
 
 
+def test_a_budget_chooses_c_as_the_api_does(page, api):
+    set_r(page, "1, 1, 1")
+    expect(page.get_by_test_id("stat-rc")).to_have_attribute("data-c", "0")
+    r = [1 / 3] * 3
+    costs = sorted({api.create_preference(r, c).cost.flops for c in (0, 0.25, 0.5, 0.75, 1)})
+    gflops = costs[0] / 1e9  # the cheapest of those trees: some c > 0 may be needed
+    want = api.create_preference(r, budget={"max_gflops": gflops})
+    page.get_by_label("a budget instead of c").check()
+    page.locator("#budget-gflops").fill(repr(gflops))
+    chosen = page.get_by_test_id("budget-chosen")
+    expect(chosen).to_have_attribute("data-c", repr(want.c).rstrip("0").rstrip(".") or "0")
+    expect(chosen).to_have_attribute("data-flops", str(want.budget.cost.flops))
+    expect(page.get_by_test_id("pref-id")).to_have_text(want.preference_id)
+    expect(page.locator("#c-slider")).to_be_disabled()
+    assert float(page.locator("#c-slider").input_value()) == pytest.approx(want.c, abs=0.01)
+    assert want.budget.cost.flops <= gflops * 1e9
+    # the task subset: the budget is for the tasks that run
+    page.locator("#task-subset input[data-task='segmentation']").uncheck()
+    sub = api.create_preference(r, budget={"max_gflops": gflops}, tasks=["depth", "normals"])
+    expect(chosen).to_have_attribute("data-flops", str(sub.budget.cost.flops))
+    # below the cheapest tree: the server's reason
+    page.locator("#budget-gflops").fill("0.000001")
+    expect(page.locator("#error")).to_contain_text("below the cheapest")
+    page.get_by_label("a budget instead of c").uncheck()
+    expect(page.locator("#c-slider")).to_be_enabled()
+
+
 def test_compare_two_preferences_on_the_same_image(page, api):
     set_r(page, "1, 0, 0")
     a = api.create_preference([1, 0, 0], 0.0)

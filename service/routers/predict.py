@@ -25,12 +25,14 @@ from ..parsing import PredictBody, parse_predict
 from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
 from ..schemas import (
     CACHE_HEADER,
+    DEGRADED_HEADER,
     HEADER_PREFIX,
     NPZ_MEDIA_TYPE,
     Prediction,
     PredictJSON,
     RequestMetrics,
 )
+from ..selection import Selected, select
 from ..state import Service, service_of
 
 router = APIRouter(tags=["predict"])
@@ -49,6 +51,15 @@ MULTIPART_SCHEMA = {
             "example": "[0.6, 0.3, 0.1]",
         },
         "c": {"type": "number", "description": "inline c in [0, 1] (with r; default 0)"},
+        "budget": {
+            "type": "string",
+            "description": "instead of c: a JSON budget, with r",
+            "example": '{"max_gflops": 0.25}',
+        },
+        "allow_degrade": {
+            "type": "boolean",
+            "description": "may run at the server's degrade c under load (DYMU_OVERLOAD=degrade)",
+        },
         "tasks": {
             "type": "string",
             "description": "comma-separated task subset (default: all)",
@@ -85,6 +96,7 @@ class Served:
     hw: tuple[int, int]
     out: Output
     queue_s: float
+    selected: Selected
 
 
 @router.post("/predict", response_model=Prediction, responses=RESPONSES, openapi_extra=OPENAPI)
@@ -93,29 +105,33 @@ async def predict(request: Request, svc: Svc) -> Response:
 
     Send the image as a multipart file (`image`) or as JSON with base64. Pick the
     preference by `preference_id`, inline `r` (and `c`), or nothing (the server default);
-    `tasks` restricts the run (and the reported cost) to a subset. `format=json` returns
+    `tasks` restricts the run (and the reported cost) to a subset; a `budget` (with `r`, not
+    `c`) runs the lowest c whose tree fits it; `allow_degrade` (or the header
+    `X-Dymu-Allow-Degrade: 1`) lets a loaded server run a cheaper c. `format=json` returns
     PNG-encoded maps, `format=npz` float32 arrays. Metrics come in the body and as
     `X-Dymu-*` headers.
     """
     lm = svc.require_ready()
     async with deadline(request, svc) as t0:
         body = await parse_predict(request, svc.io)
-        served = await _serve(svc, lm, body)
+        served = await _serve(svc, lm, body, request.scope.get("state", {}))
         return await _respond(svc, lm, body.fields, served, t0)
 
 
-async def _serve(svc: Service, lm: LoadedModel, body: PredictBody) -> Served:
+async def _serve(svc: Service, lm: LoadedModel, body: PredictBody, state: dict[str, Any]) -> Served:
     req = body.fields
-    pref, key = lm.ids.select(req.preference_id, req.r, req.c)
     subset = lm.subset(req.tasks)
+    sel = await select(svc, lm, req, subset, state)
+    pref, key = sel.preference, sel.key
 
     def decode() -> torch.Tensor:
         return lm.image_tensor(decode_image(body.image_bytes(), svc.settings.max_pixels))
 
     x = await svc.io(decode)
-    ran = await run_images(svc, lm, key, pref, subset, [x])
+    limit = sel.queue_limit(svc.settings.max_queue)
+    ran = await run_images(svc, lm, key, pref, subset, [x], limit)
     hw = (int(x.shape[-2]), int(x.shape[-1]))
-    return Served(ran.entry, ran.computed, subset, hw, ran.outs[0], ran.queue_s)
+    return Served(ran.entry, ran.computed, subset, hw, ran.outs[0], ran.queue_s, sel)
 
 
 async def _respond(
@@ -144,9 +160,14 @@ async def _respond(
         input_size=list(s.hw),
         device=str(lm.device),
         backend=s.out.backend,
+        c=s.entry.preference.c,
+        requested_c=s.selected.requested.c,
+        degraded=s.selected.degraded is not None,
+        budget=s.selected.budget,
     )
     headers = metric_headers(metrics)
     headers[CACHE_HEADER] = "miss" if s.computed else "hit"
+    headers[DEGRADED_HEADER] = "1" if metrics.degraded else "0"
     if req.format == "npz":
         arrays = {t: s.out.arrays[t] for t in names}
         payload = await svc.io(encode_npz, arrays, metrics.model_dump())
@@ -168,6 +189,7 @@ def metric_headers(m: RequestMetrics) -> dict[str, str]:
         "Tasks": ",".join(m.tasks),
         "Device": m.device,
         "Backend": m.backend,
+        "C": f"{m.c:g}",
     }
     out = {HEADER_PREFIX + k: v for k, v in h.items()}
     out["Server-Timing"] = (

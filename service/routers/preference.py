@@ -1,4 +1,5 @@
-"""Preferences: compute (or find in the cache) the sub-network of (r, c), look one up by id."""
+"""Preferences: compute (or find in the cache) the sub-network of (r, c) or of r under a budget
+(service/selection.py), look one up by id."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from ..errors import ERROR_RESPONSES
+from ..errors import ERROR_RESPONSES, BadRequestError
 from ..parsing import loads, validated
 from ..schemas import PreferenceIn, PreferenceRecord
+from ..selection import requested
 from ..state import Service, service_of
 
 router = APIRouter(tags=["preference"], responses=ERROR_RESPONSES)
@@ -32,16 +34,22 @@ async def preference_in(request: Request) -> PreferenceIn:
 async def create_preference(
     svc: Svc, body: Annotated[PreferenceIn, Depends(preference_in)]
 ) -> PreferenceRecord:
-    """Compute (or find in the cache) the sub-network of a preference (r, c).
+    """Compute (or find in the cache) the sub-network of a preference (r, c), or of r under a
+    compute budget (`budget` instead of `c`: the lowest c whose tree fits, for `tasks`).
 
     Returns its id, the normalized (r, c), the tree, its cost at the model's input size,
     whether it came from the cache and how long computing it took.
     """
     t0 = time.perf_counter()
     lm = svc.require_ready()
-    pref, key = lm.parse(body.r, body.c)
+    if body.tasks is not None and body.budget is None:
+        raise BadRequestError("tasks is the subset a budget is for: give it with a budget")
+    subset = lm.subset(body.tasks)
+    pref, key, budget = await requested(svc, lm, None, body.r, body.c, body.budget, subset)
     entry, computed = await svc.entry(lm, key, pref)
-    return svc.record(lm, entry, not computed, t0)
+    record = svc.record(lm, entry, not computed, t0)
+    record.budget = budget
+    return record
 
 
 @router.get("/preference/{preference_id}", response_model=PreferenceRecord)

@@ -178,6 +178,7 @@ const state = {
   tasks: [],
   r: [],
   c: 0,
+  budget: null, // GFLOPs when a budget chooses c (POST /preference with "budget")
   subset: new Set(),
   record: null,
   roundTripMs: 0,
@@ -291,6 +292,17 @@ function buildControls() {
     // the server validates and normalizes: the page adopts the r it answers with
     applyPreference(values.length ? values : text);
   });
+  const readBudget = () => {
+    const on = $("budget-on").checked;
+    const value = Number($("budget-gflops").value);
+    $("budget-gflops").disabled = !on;
+    $("c-slider").disabled = on;
+    state.budget = on ? value : null;
+    if (!on) $("budget-chosen").textContent = "";
+    schedulePreference();
+  };
+  $("budget-on").addEventListener("change", readBudget);
+  $("budget-gflops").addEventListener("input", readBudget);
   $("c-slider").addEventListener("input", (e) => {
     state.c = Number(e.target.value);
     syncControls();
@@ -438,6 +450,7 @@ function toggleTask(j, box) {
   if (box.checked) state.subset.add(j);
   else state.subset.delete(j);
   clearError("any");
+  if (state.budget !== null) schedulePreference(); // a budget is for the tasks that run
   writeHash();
   if (state.record) renderTree($("tree"), state.record.architecture, { legend: $("tree-legend") });
   scheduleCostMap();
@@ -468,10 +481,16 @@ function writeHash() {
 
 // ------------------------------------------------------------------------- the preference
 async function postPreference(r, c) {
+  const body = { r };
+  if (state.budget === null) body.c = c;
+  else {
+    body.budget = { max_gflops: state.budget }; // the server chooses c (docs/explorer.md)
+    if (!allSelected()) body.tasks = subsetIdx().map((j) => state.tasks[j]);
+  }
   return api("/preference", {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: JSON.stringify({ r, c }),
+    body: JSON.stringify(body),
   });
 }
 
@@ -495,6 +514,16 @@ async function applyPreference(rawR) {
       state.r = body.r;
       syncControls();
       showRText(); // the normalized r replaces what was typed
+    }
+    if (body.budget) { // the budget chose c: the slider, the hash and the cost map follow it
+      state.c = body.c;
+      syncControls();
+      scheduleCostMap();
+      const chosen = $("budget-chosen");
+      chosen.textContent = `chosen c ${body.c.toFixed(4)}: ${fmtG(body.budget.cost.gflops)} ` +
+        `GFLOPs for ${body.budget.tasks.join(", ")}`;
+      chosen.dataset.c = body.c;
+      chosen.dataset.flops = body.budget.cost.flops;
     }
     renderRecord(body, ms);
     writeHash();
