@@ -9,6 +9,7 @@ import torch
 import dymu
 from dymu.architecture import Architecture
 from dymu.hypernets import EdgeHypernet
+from dymu.preference import sample_simplex
 from training.branching import RegularizerSwitches
 from training.config import load_config
 from training.data import build_dataset
@@ -143,8 +144,9 @@ def test_edge_trees_loss_fits_the_hypernet_to_the_best_trees():
         opt.step()
     assert loss.item() < 0.2 * first and stats["tree_agreement"] > 0.8
     # fresh preferences: the hypernet's arg-max tree has the best tree's objective value
-    r = torch.distributions.Dirichlet(torch.ones(n)).sample((200,))
-    c = torch.rand(200)
+    fresh = torch.Generator().manual_seed(12345)
+    r = sample_simplex(n, 1.0, fresh, count=200)
+    c = torch.rand(200, generator=fresh)
     best = tt.objective(r, c, cfg.lambda_active, cfg.lambda_inactive)
     chosen = torch.tensor(
         [
