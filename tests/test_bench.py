@@ -42,6 +42,10 @@ HEADLINE = (
     "server_overhead",
     "onnx_over_torch",
     "fma_fraction",
+    "request_overhead",
+    "request_overhead_json",
+    "request_overhead_small",
+    "clients_over_model",
 )
 
 

@@ -85,8 +85,10 @@ def overhead(ctx: Context, backend: str, servers: dict[str, ServerProcess], size
     variants: dict[str, Any] = {}
     logs: dict[str, list[tuple[float, float, int]]] = {}
     closers: list[Any] = []
+    backends: dict[str, str] = {}
     for label, server in servers.items():
         served = _prepare(server, backend, r, c)
+        backends[label] = served["backend"]
         conn = Sync("127.0.0.1", server.port)
         closers.append(conn)
         for name, call in _calls(png, rgb, served).items():
@@ -113,7 +115,8 @@ def overhead(ctx: Context, backend: str, servers: dict[str, ServerProcess], size
         for closer in closers:
             closer.close()
     rows = [_overhead_row(key, s, logs[key][-len(s) :]) for key, s in samples.items()]
-    out: dict[str, Any] = {"size": size_label(hw), "rows": rows, "samples_s": samples}
+    out: dict[str, Any] = {"size": size_label(hw), "served_backends": backends, "rows": rows}
+    out["samples_s"] = samples
     if "baseline" in servers:  # round trip after / before, paired per round
         out["after_over_before"] = {
             f: paired_ratio(samples[f"{f}, this tree"], samples[f"{f}, baseline"])
@@ -193,10 +196,20 @@ def _servers(ctx: Context, backend: str, batching: str) -> dict[str, ServerProce
     device = "cpu" if ctx.device.type == "cpu" else str(ctx.device)
     env = {**BATCHING[batching], **_threads_env(ctx)}
     model_dir = Path(ctx.model_dir).resolve()
-    servers = {"this tree": ServerProcess(model_dir, backend, device, env)}
+    roots = {"this tree": None}
     baseline = os.environ.get(BASELINE_ENV)
     if baseline and batching == "off":
-        servers["baseline"] = ServerProcess(model_dir, backend, device, env, root=Path(baseline))
+        roots["baseline"] = Path(baseline)
+    servers = {}
+    try:
+        for label, root in roots.items():  # one at a time: --backend auto measures at warm-up
+            kw = {} if root is None else {"root": root}
+            servers[label] = ServerProcess(model_dir, backend, device, env, **kw)
+            servers[label].wait_ready()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
     return servers
 
 
@@ -208,8 +221,6 @@ def run(ctx: Context) -> dict[str, Any]:
     out["baseline"] = os.environ.get(BASELINE_ENV)
     servers = _servers(ctx, backend, "off")
     try:
-        for server in servers.values():
-            server.wait_ready()
         for size in ctx.config.request_sizes:
             ctx.log(f"  request path: overhead at {size}")
             out["overhead"].append(overhead(ctx, backend, servers, size))
@@ -218,7 +229,6 @@ def run(ctx: Context) -> dict[str, Any]:
             server.stop()
     server = _servers(ctx, backend, "on")["this tree"]
     try:
-        server.wait_ready()
         out["load"] = []
         for size in ctx.config.request_load_sizes:
             ctx.log(f"  request path: {ctx.config.request_clients} clients vs the model at {size}")
@@ -235,7 +245,8 @@ def markdown(result: dict[str, Any]) -> str:
         "total time / model time - 1.\n"
     ]
     for o in result["overhead"]:
-        parts.append(f"Sequential, batching off, {o['size']}:\n")
+        served = ", ".join(f"{k}: {v}" for k, v in o["served_backends"].items())
+        parts.append(f"Sequential, batching off, {o['size']} (served backend: {served}):\n")
         heads = ["variant", "round trip ms", "server model ms", "overhead", "server's own"]
         rows = [
             [
