@@ -137,47 +137,57 @@ def _overhead_row(key: str, s: list[float], logged: list[tuple[float, float, int
     }
 
 
-def against_model(ctx: Context, backend: str, server: ServerProcess, size: str) -> dict:
+def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess], size: str) -> dict:
     """Item 4: server images/s under concurrent clients vs the model alone at its batch."""
     hw = ctx.hw(size)
     rgb = _rgb(image_png(hw))
     r, c = served_preference(ctx.model.n_tasks)
-    served = _prepare(server, backend, r, c)
-    call = oip_call(served["model"], rgb, served["pid"])
-    loaded, runner = direct_runner(ctx, served["backend"], r, c)
+    served = {label: _prepare(server, backend, r, c) for label, server in servers.items()}
+    mine = served["this tree"]
+    loaded, runner = direct_runner(ctx, mine["backend"], r, c)
     x1 = loaded.image_tensor(rgb)
+    cfg = ctx.config
     rounds = []
-    for _ in range(ctx.config.request_load_rounds):
-        cfg = ctx.config
-        res = asyncio.run(
-            closed_loop("127.0.0.1", server.port, call, cfg.request_clients, cfg.request_seconds)
-        )
+    for _ in range(cfg.request_load_rounds):
+        seen = {}
+        for label, server in servers.items():
+            call = oip_call(served[label]["model"], rgb, served[label]["pid"])
+            clients, seconds = cfg.request_clients, cfg.request_seconds
+            seen[label] = asyncio.run(closed_loop("127.0.0.1", server.port, call, clients, seconds))
+        res = seen["this tree"]
         per_batch = len(res.batches) / sum(1.0 / b for b in res.batches)
         batch = max(1, round(per_batch))
-        alone = _model_alone(runner, x1[None].repeat(batch, 1, 1, 1), ctx.config.request_seconds)
-        rounds.append(
-            {
-                "server_images_per_s": res.images_per_s,
-                "images": len(res.latencies_s),
-                "mean_batch": per_batch,
-                "mean_batch_per_image": float(np.mean(res.batches)),
-                "batch": batch,
-                "model_images_per_s": batch / statistics.median(alone),
-                "ratio": res.images_per_s / (batch / statistics.median(alone)),
-                "p50_ms": float(np.percentile(res.latencies_s, 50) * 1e3),
-                "p95_ms": float(np.percentile(res.latencies_s, 95) * 1e3),
-                "model_samples_s": alone,
-            }
-        )
-    return {
+        alone = _model_alone(runner, x1[None].repeat(batch, 1, 1, 1), cfg.request_seconds)
+        model_ips = batch / statistics.median(alone)
+        rd = {
+            "server_images_per_s": res.images_per_s,
+            "images": len(res.latencies_s),
+            "mean_batch": per_batch,
+            "mean_batch_per_image": float(np.mean(res.batches)),
+            "batch": batch,
+            "model_images_per_s": model_ips,
+            "ratio": res.images_per_s / model_ips,
+            "p50_ms": float(np.percentile(res.latencies_s, 50) * 1e3),
+            "p95_ms": float(np.percentile(res.latencies_s, 95) * 1e3),
+            "model_samples_s": alone,
+        }
+        if "baseline" in seen:
+            rd["baseline_images_per_s"] = seen["baseline"].images_per_s
+            rd["baseline_ratio"] = seen["baseline"].images_per_s / model_ips
+        rounds.append(rd)
+    out = {
         "size": size_label(hw),
-        "clients": ctx.config.request_clients,
-        "seconds": ctx.config.request_seconds,
-        "backend": served["backend"],
-        "threads": ctx.config.threads,
+        "clients": cfg.request_clients,
+        "seconds": cfg.request_seconds,
+        "backend": mine["backend"],
+        "served_backends": {label: s["backend"] for label, s in served.items()},
+        "threads": cfg.threads,
         "ratio": statistics.median(rd["ratio"] for rd in rounds),
         "rounds": rounds,
     }
+    if "baseline" in servers:
+        out["baseline_ratio"] = statistics.median(rd["baseline_ratio"] for rd in rounds)
+    return out
 
 
 def _model_alone(runner: Any, x: Any, seconds: float) -> list[float]:
@@ -198,7 +208,7 @@ def _servers(ctx: Context, backend: str, batching: str) -> dict[str, ServerProce
     model_dir = Path(ctx.model_dir).resolve()
     roots = {"this tree": None}
     baseline = os.environ.get(BASELINE_ENV)
-    if baseline and batching == "off":
+    if baseline:
         roots["baseline"] = Path(baseline)
     servers = {}
     try:
@@ -227,14 +237,15 @@ def run(ctx: Context) -> dict[str, Any]:
     finally:
         for server in servers.values():
             server.stop()
-    server = _servers(ctx, backend, "on")["this tree"]
+    servers = _servers(ctx, backend, "on")
     try:
         out["load"] = []
         for size in ctx.config.request_load_sizes:
             ctx.log(f"  request path: {ctx.config.request_clients} clients vs the model at {size}")
-            out["load"].append(against_model(ctx, backend, server, size))
+            out["load"].append(against_model(ctx, backend, servers, size))
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return out
 
 
@@ -265,7 +276,9 @@ def markdown(result: dict[str, Any]) -> str:
     for ld in result.get("load", []):
         parts.append(
             f"{ld['clients']} clients (OIP binary), batching on, {ld['size']}, backend "
-            f"{ld['backend']}: server / model alone = **{ld['ratio']:.2f}** (median of rounds)\n"
+            f"{ld['backend']}: server / model alone = **{ld['ratio']:.2f}** (median of rounds)"
+            + (f"; baseline {ld['baseline_ratio']:.2f}" if "baseline_ratio" in ld else "")
+            + "\n"
         )
         heads = ["server img/s", "mean batch", "model alone img/s at batch", "ratio", "p50 ms"]
         rows = [
