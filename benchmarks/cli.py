@@ -79,8 +79,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--cases",
         nargs="+",
         metavar="CASE",
-        help="run only these: proportionality peers switch backends server overload scaling "
-        "paper_scale profile (default: all)",
+        help="run only these: proportionality peers switch backends server overload "
+        "request_path scaling paper_scale profile (default: all)",
     )
     p.add_argument(
         "--model",

@@ -40,7 +40,7 @@ class BenchConfig(BaseModel):
     # 1 proportionality, 2 peers, 4 backends: (size, batch) points
     proportionality_points: tuple[Point, ...] = (("model", 1), ("model", 16), ("288x384", 1))
     peers_points: tuple[Point, ...] = (("model", 1), ("model", 16))
-    backends_points: tuple[Point, ...] = (("model", 1), ("model", 8))
+    backends_points: tuple[Point, ...] = (("model", 1), ("model", 8), ("288x384", 8))
 
     # 3 preference switch
     switch_sizes: tuple[str, ...] = ("model",)
@@ -53,6 +53,13 @@ class BenchConfig(BaseModel):
     server_rounds: int = 20
     server_clients: tuple[int, ...] = (1, 4, 16)
     server_seconds: float = 2.0
+    # 5c request path: overhead over the server's model time, and clients vs the model alone
+    request_sizes: tuple[str, ...] = ("288x384", "model")
+    request_rounds: int = 20
+    request_load_sizes: tuple[str, ...] = ("model",)
+    request_clients: int = 16
+    request_seconds: float = 3.0
+    request_load_rounds: int = 3
     # 5b overload: degrade vs refuse (docs/benchmarks.md, "Overload")
     overload_clients: int = 64
     overload_seconds: float = 10.0
@@ -89,6 +96,11 @@ PRESETS: dict[str, dict] = {
         server_rounds=3,
         server_clients=(1, 2),
         server_seconds=0.3,
+        request_sizes=("model",),
+        request_rounds=3,
+        request_clients=2,
+        request_seconds=0.3,
+        request_load_rounds=1,
         overload_clients=4,
         overload_seconds=0.5,
         overload_queue=2,
@@ -121,6 +133,10 @@ PRESETS: dict[str, dict] = {
         server_sizes=("model", "288x384"),
         server_rounds=60,
         server_seconds=6.0,
+        request_rounds=60,
+        request_load_sizes=("model", "288x384"),
+        request_seconds=6.0,
+        request_load_rounds=5,
         overload_seconds=30.0,
         scaling_size="96x128",
         scaling_batch=8,

@@ -17,6 +17,17 @@ GOALS: dict[str, tuple[str, float, str]] = {
         0.6,
         "served tree's GFLOP per CPU-second (wall-clock on a GPU) / the FP32 FMA peak",
     ),
+    "fma_fraction_288x384": (">=", 0.6, "the same at 288x384, batch 8, fastest backend"),
+    "request_overhead": ("<=", 0.15, "round trip / server model time - 1, binary reply (OIP)"),
+    "request_overhead_json": ("<=", 0.30, "the same with a JSON-PNG reply"),
+    "request_overhead_small": ("<=", 0.35, "the same, binary reply, at the model's input size"),
+    "clients_over_model": (">=", 0.8, "server images/s at 16 clients / the model alone"),
+}
+#: case 4's variant of each served backend
+SERVED_VARIANT = {
+    "onnx": "onnx, folded",
+    "torch-cl": "torch channels-last, folded",
+    "torch": "torch eager, folded",
 }
 _OPS = {"<=": operator.le, ">=": operator.ge}
 
@@ -123,6 +134,48 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
             gflop_per_cpu_s=served.get("gflop_per_cpu_s"),
             of_matmul=served["fraction_of_matmul"],
             fma_peak_gflops=(report.get("peak") or {}).get("fma", {}).get("gflops"),
+        )
+    if "request_path" in ok:
+        h.update(_request_path(ok["request_path"], ok.get("backends")))
+    return h
+
+
+def _request_path(res: Mapping[str, Any], backends: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Issue 15's items 2-4 from case 5c (and case 4 at 288x384, batch 8, when it ran)."""
+    h: dict[str, Any] = {}
+    first, small = res["overhead"][0], res["overhead"][-1]
+    rows = {r["variant"]: r for r in first["rows"]}
+    oip, small_oip = "OIP binary, this tree", {r["variant"]: r for r in small["rows"]}
+    h["request_overhead"] = _goal(
+        "request_overhead",
+        rows[oip]["overhead"],
+        f"{first['size']}, OIP binary, batching off",
+        npz=rows["npz, this tree"]["overhead"],
+        server_side=rows[oip]["server_overhead"],
+    )
+    h["request_overhead_json"] = _goal(
+        "request_overhead_json", rows["JSON-PNG, this tree"]["overhead"], f"{first['size']}"
+    )
+    h["request_overhead_small"] = _goal(
+        "request_overhead_small",
+        small_oip[oip]["overhead"],
+        f"{small['size']}, OIP binary",
+        npz=small_oip["npz, this tree"]["overhead"],
+    )
+    if res.get("load"):
+        load = res["load"][0]
+        where = f"{load['size']}, {load['clients']} clients, {load['backend']}"
+        h["clients_over_model"] = _goal("clients_over_model", load["ratio"], where)
+    points = (backends or {}).get("points", [])
+    point = next((p for p in points if (p["size"], p["batch"]) == ("288x384", 8)), None)
+    rows4 = [r for r in point["rows"] if r["backend"] in SERVED_VARIANT.values()] if point else []
+    if rows4:  # the fastest servable backend there (what auto would pick at that size)
+        row = max(rows4, key=lambda r: r["gflop_per_s"])
+        h["fma_fraction_288x384"] = _goal(
+            "fma_fraction_288x384",
+            row.get("fraction_of_fma_peak_cpu_time") or row["fraction_of_fma_peak"],
+            f"{row['backend']}, 288x384, batch 8 (the fastest servable backend there)",
+            wall_clock=row["fraction_of_fma_peak"],
         )
     return h
 

@@ -161,12 +161,18 @@ class Batcher:
                 self._executor, self._run, [j.payload for j in batch]
             )
         except Exception as exc:
+            self._free.release()
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
+        except BaseException:
+            self._free.release()
+            raise
         else:
+            # The worker is free before the results go out: the dispatcher's wake-up is queued
+            # ahead of the requests' continuations, so the next batch starts without waiting
+            # for them (docs/benchmarks.md, "Issue 15, item 4").
+            self._free.release()
             for job, result in zip(batch, results, strict=True):
                 if not job.future.done():
                     job.future.set_result(result)
-        finally:
-            self._free.release()

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dymu.normalization import DATASET_NORMALIZATION, IMAGENET
 
+from .encoders import npz_bytes, png_bytes
 from .errors import BadImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 # Our own pixel limit is checked before decoding; PIL's global bomb check would only warn.
@@ -111,10 +112,8 @@ def to_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> t
 
 # ----------------------------------------------------------------------------------- outputs
 def _png(arr: np.ndarray) -> str:
-    """uint8 (H, W) -> L, uint16 (H, W) -> I;16, uint8 (H, W, 3) -> RGB."""
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    """uint8 (H, W) -> L, uint16 (H, W) -> I;16, uint8 (H, W, 3) -> RGB (service/encoders.py)."""
+    return base64.b64encode(png_bytes(arr)).decode("ascii")
 
 
 def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, Any]:
@@ -137,8 +136,10 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
         d = out[0]
         lo, hi = float(np.nanmin(d)), float(np.nanmax(d))
         scale = (hi - lo) / 65535.0 if hi > lo else 1.0
-        q = (d - np.float32(lo)) * np.float32(1.0 / scale) + np.float32(0.5)
-        q = np.clip(np.nan_to_num(q), 0, 65535).astype(np.uint16)
+        q = d - np.float32(lo)  # then in place: no temporaries of the map's size
+        q *= np.float32(1.0 / scale)
+        q += np.float32(0.5)
+        q = np.clip(np.nan_to_num(q, copy=False), 0, 65535, out=q).astype(np.uint16)
         return {
             "kind": kind,
             "encoding": "png: 16-bit grayscale; depth = offset + value * scale",
@@ -148,9 +149,10 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
             "png": _png(q),
         }
     if kind == "normals":
-        n = out * np.float32(127.5) + np.float32(128.0)  # round((n + 1) * 127.5)
-        n = np.clip(np.nan_to_num(n), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        n = np.ascontiguousarray(n)
+        n = out * np.float32(127.5)  # round((n + 1) * 127.5), in place after the first op
+        n += np.float32(128.0)
+        n = np.clip(np.nan_to_num(n, copy=False), 0, 255, out=n)
+        n = np.ascontiguousarray(n.astype(np.uint8).transpose(1, 2, 0))
         return {
             "kind": kind,
             "encoding": "png: RGB; normal = value / 255 * 2 - 1",
@@ -172,7 +174,5 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
 
 def encode_npz(outputs: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> bytes:
     """Float32 arrays per task (no batch axis) and the metrics as a JSON string ``_metrics``."""
-    buf = io.BytesIO()
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in outputs.items()}
-    np.savez(buf, **arrays, _metrics=np.array(json.dumps(dict(metrics))))
-    return buf.getvalue()
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}
+    return npz_bytes({**arrays, "_metrics": np.array(json.dumps(dict(metrics)))})

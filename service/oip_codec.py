@@ -301,13 +301,15 @@ def encode_reply(
     header: dict[str, Any], outputs: dict[str, np.ndarray], binary: dict[str, bool]
 ) -> tuple[bytes, int | None]:
     """The reply body and, when some output is binary, the JSON header's length."""
-    tensors, chunks = [], []
+    tensors: list[dict[str, Any]] = []
+    chunks: list[memoryview] = []
     for name, arr in outputs.items():
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
         if binary.get(name):
-            data = arr.astype("<f4", copy=False).tobytes()
-            tensor["parameters"] = {BINARY_SIZE: len(data)}
+            # the array's own bytes (no copy until the one join below)
+            data = memoryview(arr.astype("<f4", copy=False).reshape(-1).view(np.uint8))
+            tensor["parameters"] = {BINARY_SIZE: data.nbytes}
             chunks.append(data)
         else:
             tensor["data"] = arr.reshape(-1).tolist()

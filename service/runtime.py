@@ -317,7 +317,8 @@ class LoadedModel:
     # -- inference (blocking; called by the batcher on an inference thread) --------------------
     def run_batch(self, payloads: list[tuple[Runner, torch.Tensor]]) -> list[Output]:
         runner = payloads[0][0]
-        x = torch.stack([p[1] for p in payloads])
+        # one image: a view with a batch axis (no copy of the image)
+        x = payloads[0][1][None] if len(payloads) == 1 else torch.stack([p[1] for p in payloads])
         arrays, backend, dt = runner.run(x)
         n = len(payloads)
         self.metrics.model_seconds.labels(backend).observe(dt)

@@ -31,6 +31,7 @@ CASES = (
     "backends",
     "server",
     "overload",
+    "request_path",
     "scaling",
     "paper_scale",
     "profile",
@@ -41,6 +42,10 @@ HEADLINE = (
     "server_overhead",
     "onnx_over_torch",
     "fma_fraction",
+    "request_overhead",
+    "request_overhead_json",
+    "request_overhead_small",
+    "clients_over_model",
 )
 
 
@@ -195,6 +200,22 @@ def test_server_scaling_paper_profile_fields(tiny_run):
 
     prof = cases["profile"]
     assert prof["tree"]["top_ops"] and 0 < prof["tree"]["conv_share"] <= 1
+
+
+def test_request_path_fields(tiny_run):
+    """Case 5c: overhead over the server's model time per format, and clients vs the model."""
+    report, _, _ = tiny_run
+    res = report["cases"]["request_path"]["result"]
+    rows = {r["variant"]: r for r in res["overhead"][0]["rows"]}
+    assert set(rows) == {f"{f}, this tree" for f in ("npz", "JSON-PNG", "OIP binary")} | {
+        "npz via httpx (service.client), this tree"
+    }
+    assert all(r["server_model_ms"] > 0 and r["overhead"] > -1 for r in rows.values())
+    load = res["load"][0]
+    assert load["clients"] == report["config"]["request_clients"]
+    rd = load["rounds"][0]
+    assert rd["images"] > 0 and 1 <= rd["batch"] <= 8 and rd["model_images_per_s"] > 0
+    assert load["ratio"] == rd["ratio"] > 0
 
 
 def test_interleave_alternates_variants_in_rotating_order():

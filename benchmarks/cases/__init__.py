@@ -1,7 +1,7 @@
 """The built-in cases, registered in the issue's order (importing this package registers them).
 
-1 proportionality, 2 peers, 3 switch, 4 backends, 5 server (and 5b overload), 6 scaling,
-7 paper_scale, and the profile of case 1's worst ratio last (it reads case 1's result).
+1 proportionality, 2 peers, 3 switch, 4 backends, 5 server (and 5b overload, 5c request_path),
+6 scaling, 7 paper_scale, and the profile of case 1's worst ratio last (it reads case 1's result).
 """
 
 from . import (  # noqa: F401
@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     peers,
     profile,
     proportionality,
+    request_path,
     scaling,
     server,
     switch,

@@ -60,15 +60,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``dymu serve`` in a subprocess on a free loopback port."""
+    """``dymu serve`` in a subprocess on a free loopback port (the code of ``root``)."""
 
-    def __init__(self, model_dir: Path, backend: str, device: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, model_dir: Path, backend: str, device: str, env: dict[str, str], root: Path = ROOT
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", SERVE, str(model_dir), "--port", str(self.port)]
         cmd += ["--backend", backend, "--device", device, "--log-level", "warning"]
         environ = {**os.environ, **env}
-        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stdout=subprocess.DEVNULL)
+        # ``python -c`` imports from its working directory first: ``root``'s service/ and dymu/
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=root, stdout=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         import httpx

@@ -36,7 +36,7 @@ import dymu
 from .. import errors
 from ..errors import BadRequestError, UnknownModelError
 from ..imaging import decode_image
-from ..inference import deadline, run_images
+from ..inference import Ran, deadline, run_images
 from ..oip_codec import (
     IMAGE,
     InferRequest,
@@ -172,39 +172,69 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
     max_pixels = svc.settings.max_pixels
     async with deadline(request, svc) as t0:
         header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-        req = await svc.io(parse_request, header, binary, max_pixels, MAX_BATCH)
+        # one hop to an I/O thread reads the request and its images, one encodes the reply
+        req, xs = await svc.io(read_infer, lm, header, binary, max_pixels)
         subset, wanted = outputs_of(lm, req)
         pref, key = lm.ids.select(req.preference_id, req.r, req.c)
-        xs = await svc.io(image_tensors, lm, req, max_pixels)
         ran = await run_images(svc, lm, key, pref, subset, xs)
         hw = (int(xs[0].shape[-2]), int(xs[0].shape[-1]))
-        cost = await svc.io(lm.cost, ran.entry.architecture, hw, subset)
-        svc.metrics.flops.inc(cost.flops * len(xs))
-        reply = {
-            "model_name": lm.name,
-            "model_version": lm.version,
-            **({"id": req.request_id} if req.request_id is not None else {}),
-            "parameters": {
-                "flops": cost.flops,
-                "params": cost.params,
-                "architecture_id": ran.entry.architecture.id,
-                "preference_id": ran.entry.preference_id,
-                "tasks": ",".join(subset.names),
-                "images": len(xs),
-                "model_ms": round(max(o.model_s for o in ran.outs) * 1e3, 3),
-                "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
-                "cache": "miss" if ran.computed else "hit",
-                "backend": ran.outs[0].backend,
-            },
-        }
-        arrays = {t: np.stack([o.arrays[t] for o in ran.outs]) for t in wanted}
-        binary_out = {t: req.binary.get(t, req.binary_default) for t in wanted}
-        body, json_size = await svc.io(encode_reply, reply, arrays, binary_out)
+        body, json_size = await svc.io(reply_of, svc, lm, req, ran, (subset, hw), wanted, t0)
     if json_size is None:
         return Response(body, media_type="application/json")
     return Response(
         body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_size)}
     )
+
+
+def read_infer(
+    lm: LoadedModel, header: dict[str, Any], binary: bytes, max_pixels: int
+) -> tuple[InferRequest, list[torch.Tensor]]:
+    """The parsed request and its images as normalized tensors (on an I/O thread)."""
+    req = parse_request(header, binary, max_pixels, MAX_BATCH)
+    return req, image_tensors(lm, req, max_pixels)
+
+
+def reply_of(
+    svc: Service,
+    lm: LoadedModel,
+    req: InferRequest,
+    ran: Ran,
+    at: tuple[TaskSubset, tuple[int, int]],
+    wanted: list[str],
+    t0: float,
+) -> tuple[bytes, int | None]:
+    """The reply's body (and JSON header length when binary): cost, parameters, outputs;
+    ``at``: the task subset that ran and the input size."""
+    subset, hw = at
+    arrays0 = ran.outs[0].arrays
+    n = len(ran.outs)
+    cost = lm.cost(ran.entry.architecture, hw, subset)
+    svc.metrics.flops.inc(cost.flops * n)
+    reply = {
+        "model_name": lm.name,
+        "model_version": lm.version,
+        **({"id": req.request_id} if req.request_id is not None else {}),
+        "parameters": {
+            "flops": cost.flops,
+            "params": cost.params,
+            "architecture_id": ran.entry.architecture.id,
+            "preference_id": ran.entry.preference_id,
+            "tasks": ",".join(subset.names),
+            "images": n,
+            "model_ms": round(max(o.model_s for o in ran.outs) * 1e3, 3),
+            "batch_size": max(o.batch_size for o in ran.outs),
+            "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
+            "cache": "miss" if ran.computed else "hit",
+            "backend": ran.outs[0].backend,
+        },
+    }
+    # one image: its arrays with a batch axis added (views, not copies)
+    arrays = {
+        t: arrays0[t][None] if n == 1 else np.stack([o.arrays[t] for o in ran.outs])
+        for t in wanted
+    }
+    binary_out = {t: req.binary.get(t, req.binary_default) for t in wanted}
+    return encode_reply(reply, arrays, binary_out)
 
 
 def outputs_of(lm: LoadedModel, req: InferRequest) -> tuple[TaskSubset, list[str]]:

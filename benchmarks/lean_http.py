@@ -1,0 +1,163 @@
+"""A lean HTTP/1.1 client for the request-path case (benchmarks/cases/request_path.py).
+
+The benchmark measures the server, so the client must cost as little as it can on the cores it
+shares with the server: bodies are encoded once before timing starts (multipart forms, OIP
+binary requests), one keep-alive connection per client, and replies are read by their
+``Content-Length`` without a general-purpose HTTP stack. ``Sync`` (stdlib ``http.client``) times
+sequential requests; :func:`closed_loop` runs concurrent clients on one asyncio loop over raw
+streams. Measured here: receiving a 4.4 MB reply takes httpx ~8 ms more than ``http.client``
+(docs/benchmarks.md, "Issue 15, item 2").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OIP_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One pre-encoded request: method, path, body and headers."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "POST"
+
+    def raw(self, host: str) -> bytes:
+        """The request as bytes on the wire (for :func:`closed_loop`)."""
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+def form_call(image: bytes, fields: dict[str, str]) -> Call:
+    """``POST /predict`` as multipart: the image file and plain fields."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"'
+        f"\r\nContent-Type: image/png\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+    ]
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            .encode()
+        )  # fmt: skip
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return Call("/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def oip_call(model: str, rgb: np.ndarray, preference_id: str) -> Call:
+    """``POST /v2/models/{model}/infer``: raw UINT8 pixels in, binary FP32 outputs back."""
+    header = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1, *rgb.shape],
+                "datatype": "UINT8",
+                "parameters": {"binary_data_size": rgb.size},
+            }
+        ],
+        "parameters": {"preference_id": preference_id, "binary_data_output": True},
+    }
+    head = json.dumps(header).encode()
+    body = head + np.ascontiguousarray(rgb, np.uint8).tobytes()
+    headers = {"Content-Type": "application/octet-stream", OIP_HEADER_LENGTH: str(len(head))}
+    return Call(f"/v2/models/{model}/infer", body, headers)
+
+
+def server_times(headers: dict[str, str], body: bytes) -> tuple[float, float, int]:
+    """(the server's model ms, total ms, batch size) of a /predict or OIP reply."""
+    if "x-dymu-model-time-ms" in headers:
+        return (
+            float(headers["x-dymu-model-time-ms"]),
+            float(headers["x-dymu-total-time-ms"]),
+            int(headers["x-dymu-batch-size"]),
+        )
+    n = int(headers[OIP_HEADER_LENGTH.lower()])
+    p = json.loads(body[:n])["parameters"]
+    return float(p["model_ms"]), float(p["total_ms"]), int(p.get("batch_size", p["images"]))
+
+
+class Sync:
+    """One keep-alive connection (stdlib ``http.client``) for sequential timed requests."""
+
+    def __init__(self, host: str, port: int, timeout: float = 120.0) -> None:
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def send(self, call: Call) -> tuple[dict[str, str], bytes]:
+        self.conn.request(call.method, call.path, body=call.body, headers=call.headers)
+        reply = self.conn.getresponse()
+        body = reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"{call.path}: {reply.status} {body[:300]!r}")
+        return {k.lower(): v for k, v in reply.getheaders()}, body
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> tuple[dict[str, str], bytes]:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    if status_line.split()[1] != "200":
+        raise RuntimeError(f"{status_line}: {body[:300]!r}")
+    return headers, body
+
+
+@dataclass
+class LoadResult:
+    """What :func:`closed_loop` saw: replies within the window and the server's batch sizes."""
+
+    wall_s: float
+    latencies_s: list[float]
+    batches: list[int]
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.latencies_s) / self.wall_s if self.wall_s else 0.0
+
+
+async def closed_loop(host: str, port: int, call: Call, clients: int, seconds: float) -> LoadResult:
+    """``clients`` connections, each sending ``call`` again as soon as its reply is in."""
+    raw = call.raw(host)
+    conns = [await asyncio.open_connection(host, port) for _ in range(clients)]
+    await asyncio.gather(*(_exchange(r, w, raw) for r, w in conns))  # warm the connections
+    latencies: list[float] = []
+    batches: list[int] = []
+    start = time.perf_counter()
+    stop = start + seconds
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            headers, body = await _exchange(reader, writer, raw)
+            latencies.append(time.perf_counter() - t0)
+            batches.append(server_times(headers, body)[2])
+
+    try:
+        await asyncio.gather(*(worker(r, w) for r, w in conns))
+    finally:
+        for _, w in conns:
+            w.close()
+    return LoadResult(time.perf_counter() - start, latencies, batches)

@@ -1,0 +1,60 @@
+"""service/encoders.py: the PNGs and npz archives the service writes read back exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.encoders import npz_bytes, png_bytes
+from service.imaging import encode_npz
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        RNG.integers(0, 256, (7, 5), dtype=np.uint8),
+        RNG.integers(0, 65536, (4, 9), dtype=np.uint16),
+        RNG.integers(0, 256, (6, 3, 3), dtype=np.uint8),
+        np.zeros((1, 1), np.uint8),
+    ],
+    ids=["gray8", "gray16", "rgb", "one-pixel"],
+)
+def test_png_reads_back_exactly(arr):
+    img = Image.open(io.BytesIO(png_bytes(arr)))
+    img.load()
+    assert img.size == (arr.shape[1], arr.shape[0])
+    assert np.array_equal(np.asarray(img).astype(np.int64), arr.astype(np.int64))
+
+
+def test_png_refuses_other_formats():
+    with pytest.raises(ValueError, match="no PNG format"):
+        png_bytes(np.zeros((2, 2), np.float32))
+
+
+def test_npz_reads_back_as_numpy_writes_it():
+    arrays = {
+        "a": RNG.standard_normal((3, 4, 5)).astype(np.float32),
+        "strided": np.arange(6, dtype=np.float32)[::2],
+        "empty": np.zeros((0, 3), np.float32),
+        "_metrics": np.array(json.dumps({"x": 1})),
+    }
+    data = npz_bytes(arrays)
+    assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None  # every CRC checks
+    with np.load(io.BytesIO(data)) as z:
+        assert sorted(z.files) == sorted(arrays)
+        for k, v in arrays.items():
+            assert z[k].dtype == v.dtype and np.array_equal(z[k], v)
+
+
+def test_encode_npz_keeps_float32_and_metrics():
+    data = encode_npz({"depth": np.ones((1, 2, 3), np.float64)}, {"model_ms": 1.5})
+    with np.load(io.BytesIO(data)) as z:
+        assert z["depth"].dtype == np.float32 and z["depth"].shape == (1, 2, 3)
+        assert json.loads(str(z["_metrics"])) == {"model_ms": 1.5}
