@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 from .config import ModelConfig
 from .device import resolve_device
@@ -235,7 +236,11 @@ def save(
                 k: v.detach().to("cpu").contiguous()
                 for k, v in getattr(model, attr).state_dict().items()
             }
-            save_file(state, str(tmp / fname), metadata={"format": FORMAT, "component": attr})
+            # Written through open() rather than save_file, whose files are 0600: an artifact
+            # must be readable by the (non-root) server that mounts it (docs/service.md).
+            (tmp / fname).write_bytes(
+                save_bytes(state, metadata={"format": FORMAT, "component": attr})
+            )
         for fname, src in (extra_files or {}).items():
             if Path(fname).name != fname or fname == MANIFEST or fname in COMPONENTS.values():
                 raise ArtifactError(f"bad extra file name {fname!r}")

@@ -62,6 +62,15 @@ def test_weights_are_safetensors_only(saved):
     assert not list(saved.glob("*.pt")) and not list(saved.glob("*.pkl"))
 
 
+def test_artifact_files_get_the_usual_permissions(saved):
+    """Every file is created like the manifest (mode 0o666 & ~umask), so a server running as
+    another user (the non-root container mounting model_store) can read the weights."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in saved.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    umask = int(Path("/proc/self/status").read_text().split("Umask:")[1].split()[0], 8)
+    assert modes["anchor.safetensors"] == 0o666 & ~umask
+
+
 def test_newest_version_is_loaded(tmp_path, tiny_model):
     root = tmp_path / "m"
     v1 = dymu.save(tiny_model, root)

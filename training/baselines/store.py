@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 import dymu
 from dymu.device import resolve_device
@@ -60,7 +61,10 @@ def save_baseline(
     tmp.mkdir()
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "kind": model.kind})
+        # through open(), like dymu's store: save_file's files are 0600
+        (tmp / WEIGHTS).write_bytes(
+            save_bytes(state, metadata={"format": FORMAT, "kind": model.kind})
+        )
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         cost = shared_cost(model.config)
