@@ -8,6 +8,7 @@ import torch
 
 import dymu
 from dymu.architecture import Architecture
+from dymu.errors import ConfigError
 from dymu.hypernets import EdgeHypernet
 from dymu.preference import sample_simplex
 from training.branching import RegularizerSwitches
@@ -58,6 +59,20 @@ def test_the_count_for_the_shipped_shapes():
 def test_too_many_trees_is_refused_with_the_alternatives():
     with pytest.raises(TooManyTreesError, match=f"more than {MAX_TREES}.*paths"):
         hard_trees(5, 6)
+
+
+def test_a_run_with_too_many_trees_stops_before_training(tmp_path, monkeypatch):
+    """The tree space is checked when the run starts, not after hours of stage 0."""
+    import training.trees
+
+    monkeypatch.setattr(training.trees, "MAX_TREES", 100)  # scenes-tiny has 26,325
+    base = load_config("scenes-tiny")
+    config = base.model_copy(update={"edge": base.edge.model_copy(update={"estimator": "trees"})})
+    with pytest.raises(ConfigError, match="more than 100 hard trees"):
+        run_training(config, tmp_path / "s" / "m", run_dir=tmp_path / "r", device="cpu",
+                     progress=False)  # fmt: skip
+    assert not (tmp_path / "r" / "train_log.csv").exists()
+    assert not (tmp_path / "s" / "m").exists()
 
 
 def test_parents_rebuild_each_tree_and_mark_only_its_nodes():

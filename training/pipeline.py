@@ -38,6 +38,7 @@ from .evaluation.checks import method_checks
 from .loop import BudgetExhaustedError
 from .run import LOG, STAGES, Run
 from .stages import TRAINING_STAGES, stage_affinity
+from .trees import hard_trees
 
 
 def model_config(config: TrainConfig, tasks: tuple[TaskSpec, ...]) -> ModelConfig:
@@ -128,6 +129,8 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(config)
     model = build_model(config, tuple(dataset.tasks)).to(dev)
+    if config.edge.estimator == "trees" and "edge" in stages:
+        hard_trees(model.n_tasks, model.n_layers)  # too many trees: say so before stage 0
     if config.anchor.pretrained:  # whatever the stages: the controller trains on these streams
         source = dymu.load(config.anchor.pretrained, device=dev)
         model.anchor.load_state_dict(source.anchor.state_dict())

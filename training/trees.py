@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dymu.errors import ConfigError
+
 from .branching import RegularizerSwitches
 from .paths import active_mask, regularizer_terms
 
@@ -33,8 +35,9 @@ from .paths import active_mask, regularizer_terms
 MAX_TREES = 500_000
 
 
-class TooManyTreesError(ValueError):
-    """The tree space of (N, L) is too large to enumerate."""
+class TooManyTreesError(ConfigError):
+    """The tree space of (N, L) is too large to enumerate (a config error: choose another
+    estimator)."""
 
 
 def hard_trees(n_tasks: int, n_layers: int) -> Tensor:
