@@ -186,6 +186,16 @@ def predict_raw(http: httpx.AsyncClient, c: float, allow: str | None) -> asyncio
     return asyncio.create_task(http.post("/predict", files=files, data=data, headers=headers))
 
 
+async def refusal(task: asyncio.Task) -> int | str:
+    """The status of a request the gate refuses before reading its body: 503, or "reset" when
+    the kernel's reset (the server closes with the body unread, docs/service.md) overtakes the
+    answer on loopback. The server's rejection counter says whether it refused."""
+    try:
+        return (await task).status_code
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        return "reset"
+
+
 def test_degrading_happens_only_when_allowed_and_above_the_threshold(stores):
     model = dymu.load(stores["frugal"], device="cpu")
     settings = dict(overload="degrade", degrade_queue_depth=2, max_batch_size=1, max_wait_ms=0)
@@ -242,8 +252,8 @@ def test_a_full_degrading_server_admits_what_allows_it_and_refuses_the_rest(stor
                 await gate.until(gate.entered.is_set)
                 queued = predict_raw(http, 0, None)
                 await gate.until(lambda: gate.batcher.depth == 1)
-                refused_ = await predict_raw(http, 0, None)
-                body_only = await predict_raw(http, 0, "body")  # the gate cannot see the body
+                refused_ = await refusal(predict_raw(http, 0, None))
+                body_only = await refusal(predict_raw(http, 0, "body"))  # the gate cannot see it
                 admitted = predict_raw(http, 0, "header")
                 await gate.until(lambda: gate.batcher.depth == 2)
                 gate.release()
@@ -251,7 +261,7 @@ def test_a_full_degrading_server_admits_what_allows_it_and_refuses_the_rest(stor
                 return refused_, body_only, done, (await http.get("/metrics")).text
 
         refused_, body_only, done, text = asyncio.run(main())
-    assert refused_.status_code == 503 and body_only.status_code == 503
+    assert refused_ in (503, "reset") and body_only in (503, "reset")
     assert [r.status_code for r in done] == [200, 200, 200]
     assert [r.headers["x-dymu-degraded"] for r in done] == ["0", "0", "1"]
     samples = metric_samples(text)
