@@ -48,7 +48,7 @@ def hard_trees(n_tasks: int, n_layers: int) -> Tensor:
     for _ in range(n_layers - 1):
         grown: list[dict[int, tuple[int, ...]]] = []
         for tails in trees:
-            # tails: the node a child at this layer stands on -> the path below it (so far: above)
+            # tails[j]: task j's path from this layer up; it passes node path[0] (its top: j)
             children = sorted({path[0] if path else j for j, path in tails.items()})
             for choice in itertools.product(range(n_tasks), repeat=len(children)):
                 pick = dict(zip(children, choice, strict=True))
