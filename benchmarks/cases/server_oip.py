@@ -16,29 +16,12 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def infer_request(rgb: np.ndarray, preference_id: str) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of one binary infer request for one (H, W, 3) image."""
-    header = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [1, *rgb.shape],
-                "datatype": "UINT8",
-                "parameters": {"binary_data_size": rgb.size},
-            }
-        ],
-        "parameters": {"preference_id": preference_id, "binary_data_output": True},
-    }
-    head = json.dumps(header).encode()
-    return head + np.ascontiguousarray(rgb, np.uint8).tobytes(), {HEADER_LENGTH: str(len(head))}
+from ..lean_http import OIP_HEADER_LENGTH, oip_call
 
 
 def read_reply(reply: httpx.Response) -> tuple[dict, dict[str, np.ndarray]]:
     """(the JSON header, the outputs as arrays) of a binary infer reply."""
-    n = int(reply.headers[HEADER_LENGTH])
+    n = int(reply.headers[OIP_HEADER_LENGTH])
     header = json.loads(reply.content[:n])
     arrays, pos = {}, n
     for out in header["outputs"]:
@@ -58,10 +41,10 @@ def oip_variant(
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     model = httpx.get(f"{url}/v1/model", timeout=60).json()["name"]
     client = httpx.Client(base_url=url, timeout=120)
-    body, headers = infer_request(rgb, preference_id)
+    request = oip_call(model, rgb, preference_id)
 
     def call() -> None:
-        reply = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+        reply = client.post(request.path, content=request.body, headers=request.headers)
         reply.raise_for_status()
         params, _ = read_reply(reply)
         p = params["parameters"]
