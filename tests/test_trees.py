@@ -19,6 +19,8 @@ from training.pipeline import run_training
 from training.stages import EdgeObjective, edge_trees_loss
 from training.trees import MAX_TREES, TooManyTreesError, TreeTable, hard_trees, tree_parents
 
+from .test_paths import path_of
+
 
 def consistent_path_tuples(n: int, layers: int) -> set[tuple[tuple[int, ...], ...]]:
     """Brute force: tuples of one path per task in which two paths that meet on a node agree
@@ -37,10 +39,7 @@ def consistent_path_tuples(n: int, layers: int) -> set[tuple[tuple[int, ...], ..
 
 
 def paths_of(arch: Architecture) -> tuple[tuple[int, ...], ...]:
-    return tuple(
-        tuple(arch.ancestor(layer, j) for layer in range(arch.n_layers - 1))
-        for j in range(arch.n_tasks)
-    )
+    return tuple(path_of(arch, j) for j in range(arch.n_tasks))
 
 
 @pytest.mark.parametrize(("n", "layers"), [(2, 3), (2, 5), (3, 3), (3, 4)])
