@@ -215,3 +215,50 @@ def test_the_trunk_is_shared_then_copied_into_every_stream(tmp_path):
     assert set(model.manifest["training"]["stages"]) == {
         "trunk", "anchor", "affinity", "edge", "weight",
     }  # fmt: skip
+
+
+def _calibrated_run(tmp_path, calibration):
+    from training.distributed import Distributed
+    from training.pipeline import RunRequest, prepare_run
+
+    base = load_config("scenes-tiny")
+    config = base.model_copy(
+        update={
+            "data": base.data.model_copy(update={"calibration_options": calibration}),
+            "edge": base.edge.model_copy(
+                update={"estimator": "trees", "path_images": 4, "path_scale": "loss-scale"}
+            ),
+        }
+    )
+    request = RunRequest(
+        config, tmp_path / "out", tmp_path / "run", torch.device("cpu"), Distributed(),
+        resume=False, stages=("edge",), progress=False, command=None, max_steps=None,
+    )  # fmt: skip
+    run, _, _ = prepare_run(request)
+    return run
+
+
+def test_the_path_table_reads_the_calibration_split_not_the_training_images(tmp_path):
+    from training.stages import path_table
+
+    calibration = {"n": 4, "seed": 7}
+    run = _calibrated_run(tmp_path / "a", calibration)
+    data = build_dataset("scenes", "train", size=tuple(run.config.input_size), **calibration)
+    assert len(run.calibration_set) == 4
+    tasks = run.model.config.tasks
+    expected = path_losses(run.model.anchor.eval(), [collate([data[i] for i in range(4)])], tasks)
+    scales = torch.tensor([t.loss_scale for t in tasks]).unsqueeze(1)
+    torch.testing.assert_close(path_table(run), expected * scales, rtol=1e-4, atol=1e-6)
+    # without a calibration split the same run reads training images: another table
+    plain = _calibrated_run(tmp_path / "b", None)
+    plain.model.load_state_dict(run.model.state_dict())
+    assert plain.calibration_set is None
+    assert not torch.allclose(path_table(plain), path_table(run))
+
+
+def test_asking_for_a_calibration_split_the_config_lacks_is_a_config_error():
+    from dymu.errors import ConfigError
+    from training.data import split_dataset
+
+    with pytest.raises(ConfigError, match="calibration_options"):
+        split_dataset(load_config("scenes-tiny"), calibration=True)

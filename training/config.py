@@ -31,6 +31,11 @@ class DataConfig(_Strict):
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="training split options")
     val_options: dict[str, Any] = Field(default_factory=dict, description="held-out split options")
+    calibration_options: dict[str, Any] | None = Field(
+        default=None,
+        description="options of a calibration split of the training source that no stage trains "
+        "on (a generated benchmark: another seed); the edge stage's path table reads it when set",
+    )
     workers: int = Field(default=0, ge=0, description="DataLoader workers (used on GPU)")
 
 

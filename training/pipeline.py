@@ -139,9 +139,12 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
         init_encoders(model, config.backbone.init)
     if not config.trunk.steps:  # the common trunk is off: the paper's independent streams
         stages = tuple(s for s in stages if s != "trunk")
+    calibration = None
+    if config.data.calibration_options is not None and "edge" in stages:
+        calibration = split_dataset(config, calibration=True)
     run = Run(
         config, model, dataset, dev, run_dir, request.progress,
-        budget=request.max_steps, dist=request.dist,
+        budget=request.max_steps, dist=request.dist, calibration_set=calibration,
     )  # fmt: skip
     position = load_checkpoint(run) if request.resume else None
     if request.resume and position is None:

@@ -104,20 +104,28 @@ class Run:
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     budget: int | None = None  # optimizer steps left in this invocation (None = no limit)
     dist: Distributed = field(default_factory=Distributed)
+    # images of the training source that no stage trains on: the edge stage's path table
+    calibration_set: torch.utils.data.Dataset | None = None
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
         return self.model.config.tasks
 
-    def sample_batches(self, stream: str, count: int, chunk: int) -> Iterator[dict]:
+    def sample_batches(
+        self, stream: str, count: int, chunk: int, calibration: bool = False
+    ) -> Iterator[dict]:
         """``count`` training images (at most the split) drawn without replacement from the
         random stream ``stream`` of the run's seed, collated ``chunk`` at a time on the device:
-        the fixed image sets of stage 0b and of the edge stage's path table."""
-        k = min(count, len(self.train_set))
+        the fixed image sets of stage 0b and of the edge stage's path table. ``calibration``:
+        from the calibration split instead, where the config has one."""
+        data = self.train_set
+        if calibration and self.calibration_set is not None:
+            data = self.calibration_set
+        k = min(count, len(data))
         gen = step_generator(self.config.seed, stream, 0)
-        idx = torch.randperm(len(self.train_set), generator=gen)[:k].tolist()
+        idx = torch.randperm(len(data), generator=gen)[:k].tolist()
         for start in range(0, k, chunk):
-            batch_ = collate([self.train_set[i] for i in idx[start : start + chunk]])
+            batch_ = collate([data[i] for i in idx[start : start + chunk]])
             yield {key: v.to(self.device) for key, v in batch_.items()}
 
     def batches(self, stage: str, start: int, steps: int, batch: int) -> Iterator[dict]:

@@ -163,12 +163,21 @@ def dataset_tasks(
     return entry.tasks(root=root, **options)
 
 
-def split_dataset(config: TrainConfig, held_out: bool = False) -> MultiTaskDataset:
-    """The training split (``data.options``) or the held-out one (``data.val_options``)."""
+def split_dataset(
+    config: TrainConfig, held_out: bool = False, calibration: bool = False
+) -> MultiTaskDataset:
+    """The training split (``data.options``), the held-out one (``data.val_options``) or the
+    calibration split (``data.calibration_options``: the training source, images no stage
+    trains on; docs/training.md, "The calibration split")."""
     entry = DATASETS.get(config.data.name)
     if entry is None:
         raise ConfigError(f"unknown dataset {config.data.name!r}; known: {sorted(DATASETS)}")
-    options = dict(config.data.val_options if held_out else config.data.options)
+    if calibration and config.data.calibration_options is None:
+        raise ConfigError("this config has no [data] calibration_options")
+    if held_out:
+        options = dict(config.data.val_options)
+    else:
+        options = dict(config.data.calibration_options if calibration else config.data.options)
     if not entry.needs_root and config.data.root is None and "size" in entry.options:
         options.setdefault("size", tuple(config.input_size))
     split = entry.splits[-1] if held_out else entry.splits[0]
