@@ -86,6 +86,19 @@ def fma_peak(threads: int | None = None) -> dict[str, Any]:
     }
 
 
+def fma_fractions(
+    gflop: float, wall_s: float, cpu_s: float | None, peak: dict[str, Any]
+) -> tuple[float | None, float | None]:
+    """Shares of the FMA ``peak`` (:func:`fma_peak`) that ``gflop`` of work reached: per
+    wall-second against the peak of all the peak's cores, and per CPU-second against one core's
+    (CPU time adds up over the cores, so on 2 busy cores it runs twice as fast as the clock)."""
+    total = peak.get("gflops")
+    if not total:
+        return None, None
+    per_core = total / max(int(peak.get("cores") or 1), 1)
+    return gflop / wall_s / total, (gflop / cpu_s / per_core if cpu_s else None)
+
+
 def matmul_peak(n: int = 2048, rounds: int = 5, device: torch.device | None = None) -> dict:
     """Measured FP32 GFLOP/s of an n x n matmul (2 n^3 FLOPs): what a dense kernel reaches."""
     device = device or torch.device("cpu")

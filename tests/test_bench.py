@@ -18,7 +18,7 @@ import torch
 
 import dymu
 from benchmarks.__main__ import main as bench_main
-from benchmarks.machine import fp32_flops_per_cycle
+from benchmarks.machine import fma_fractions, fp32_flops_per_cycle
 from benchmarks.timing import interleave, paired_ratio
 from dymu.architecture import Architecture
 
@@ -225,6 +225,16 @@ def test_interleave_alternates_variants_in_rotating_order():
     assert calls == list("abcbcacab")
     assert all(len(s) == 3 for s in samples.values())
     assert paired_ratio([2.0, 4.0, 100.0], [1.0, 2.0, 1.0]) == 2.0
+
+
+def test_fma_fractions_compare_cpu_time_with_one_core():
+    peak = {"gflops": 160.0, "cores": 2}
+    # 80 GFLOP in 1 s of wall on both cores busy (2 CPU-seconds): half the 2-core peak either way
+    assert fma_fractions(80.0, 1.0, 2.0, peak) == (0.5, 0.5)
+    # one thread: 80 GFLOP in 1 CPU-second is all of one core's 80 GFLOP/s
+    assert fma_fractions(80.0, 1.0, 1.0, peak) == (0.5, 1.0)
+    assert fma_fractions(80.0, 1.0, None, peak) == (0.5, None)
+    assert fma_fractions(80.0, 1.0, 1.0, {"gflops": None}) == (None, None)
 
 
 def test_fma_peak_from_flags():

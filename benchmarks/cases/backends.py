@@ -16,6 +16,7 @@ import torch
 from dymu.materialize import clone_module
 
 from ..config import size_label
+from ..machine import fma_fractions
 from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import calibrate, interleave, median_s, paired_ratio, summarize
@@ -73,14 +74,16 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
         cpu: dict[str, list[float]] = {}
         samples = interleave(variants, rounds, warmup=1, sync=ctx.sync, cpu=cpu)
     flops = folded.cost(hw).flops * batch
-    fma = ctx.peak.get("fma", {}).get("gflops") if ctx.device.type == "cpu" else None
+    fma = ctx.peak.get("fma", {}) if ctx.device.type == "cpu" else {}
     mm = (ctx.peak.get("matmul_device") or ctx.peak.get("matmul") or {}).get("gflops")
     rows = []
     for name, s in samples.items():
         med = summarize(s)
         gflops_s = flops / (med["median_ms"] / 1e3) / 1e9
         # per CPU-second: what the computation reaches while it runs (preemptions left out)
-        gflops_cpu = flops / median_s(cpu[name]) / 1e9 if ctx.device.type == "cpu" else None
+        cpu_s = median_s(cpu[name]) if ctx.device.type == "cpu" else None
+        gflops_cpu = flops / cpu_s / 1e9 if cpu_s else None
+        of_peak, of_peak_cpu = fma_fractions(flops / 1e9, med["median_ms"] / 1e3, cpu_s, fma)
         rows.append(
             {
                 "backend": name,
@@ -88,8 +91,8 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
                 "cpu_median_ms": median_s(cpu[name]) * 1e3,
                 "gflop_per_s": gflops_s,
                 "gflop_per_cpu_s": gflops_cpu,
-                "fraction_of_fma_peak": gflops_s / fma if fma else None,
-                "fraction_of_fma_peak_cpu_time": gflops_cpu / fma if fma and gflops_cpu else None,
+                "fraction_of_fma_peak": of_peak,
+                "fraction_of_fma_peak_cpu_time": of_peak_cpu,
                 "fraction_of_matmul": gflops_s / mm if mm else None,
                 "speedup_over_eager": paired_ratio(samples[EAGER], s),
             }
