@@ -81,14 +81,17 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
         med = summarize(s)
         gflops_s = flops / (med["median_ms"] / 1e3) / 1e9
         # per CPU-second: what the computation reaches while it runs (preemptions left out)
-        cpu_s = median_s(cpu[name]) if ctx.device.type == "cpu" else None
-        gflops_cpu = flops / cpu_s / 1e9 if cpu_s else None
-        of_peak, of_peak_cpu = fma_fractions(flops / 1e9, med["median_ms"] / 1e3, cpu_s, fma)
+        cpu_s = median_s(cpu[name])
+        on_cpu = ctx.device.type == "cpu"
+        gflops_cpu = flops / cpu_s / 1e9 if on_cpu else None
+        of_peak, of_peak_cpu = fma_fractions(
+            flops / 1e9, med["median_ms"] / 1e3, cpu_s if on_cpu else None, fma
+        )
         rows.append(
             {
                 "backend": name,
                 **med,
-                "cpu_median_ms": median_s(cpu[name]) * 1e3,
+                "cpu_median_ms": cpu_s * 1e3,
                 "gflop_per_s": gflops_s,
                 "gflop_per_cpu_s": gflops_cpu,
                 "fraction_of_fma_peak": of_peak,
