@@ -55,7 +55,7 @@ class BenchConfig(BaseModel):
     server_seconds: float = 2.0
     # 5c request path: overhead over the server's model time, and clients vs the model alone
     request_sizes: tuple[str, ...] = ("288x384", "model")
-    request_rounds: int = 20
+    request_rounds: int = 60  # per-request ratios of ~6 ms requests: 20 left +-5 points
     request_load_sizes: tuple[str, ...] = ("model",)
     request_clients: int = 16
     request_seconds: float = 3.0
@@ -133,7 +133,7 @@ PRESETS: dict[str, dict] = {
         server_sizes=("model", "288x384"),
         server_rounds=60,
         server_seconds=6.0,
-        request_rounds=60,
+        request_rounds=200,
         request_load_sizes=("model", "288x384"),
         request_seconds=6.0,
         request_load_rounds=5,

@@ -36,11 +36,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = svc
     errors.install(app)
+    # the hot paths first: routes are matched in order, ~5 us per route passed over
+    app.include_router(predict.router)
+    app.include_router(oip.router)
     app.include_router(health.router)
     app.include_router(model.router)
     app.include_router(preference.router)
-    app.include_router(predict.router)
-    app.include_router(oip.router)
     app.include_router(explorer.router)
     app.include_router(admin.router(enabled=settings.admin_token is not None))
     app.mount("/explorer/static", explorer.static_files(), name="explorer-static")

@@ -74,7 +74,9 @@ async def run_images(
         for x in xs:
             jobs.append(svc.batcher.submit(group, (lm, runner, x), queue_limit))
         # Cancelling the wait (the deadline) cancels the jobs' futures: the batcher skips them.
-        outs: list[Output] = list(await asyncio.gather(*(job.future for job in jobs)))
+        futures = [job.future for job in jobs]
+        one = len(futures) == 1  # a lone image needs no gather
+        outs: list[Output] = [await futures[0]] if one else await asyncio.gather(*futures)
     except BaseException:
         for job in jobs:
             job.future.cancel()

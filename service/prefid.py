@@ -20,6 +20,7 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from dymu.preference import KEY_SCALE as SCALE
@@ -88,6 +89,11 @@ def decode(
     return preference_of_key(key), key
 
 
+#: Decoded ids (a client sends the same few ids again and again; the checksum is a SHA-256).
+#: Ids that fail to decode raise, and are not cached.
+_decode_cached = lru_cache(maxsize=4096)(decode)
+
+
 @dataclass(frozen=True)
 class PreferenceIds:
     """The id space of one model version: parse (r, c), decode and encode ids, and pick the
@@ -134,7 +140,7 @@ class PreferenceIds:
         return canonicalize(r, 0.0 if c is None else c, self.tasks)
 
     def decode(self, pref_id: str) -> tuple[Preference, CanonicalKey]:
-        return decode(pref_id, self.tasks, self.model_name, self.model_version)
+        return _decode_cached(pref_id, tuple(self.tasks), self.model_name, self.model_version)
 
     def select(self, preference_id: str | None, r: Any, c: Any) -> tuple[Preference, CanonicalKey]:
         """The preference a /predict request asks for: by id, inline (r, c), or the default."""

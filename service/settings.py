@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
     onnx_max_sessions: int = Field(32, ge=1, description="ONNX sessions kept (one per tree)")
+    inline_io_bytes: int = Field(
+        65_536,
+        ge=0,
+        description="a request step whose image data is at most this many bytes (the body when "
+        "reading; H x W x 3 per image when encoding the reply) runs on the event loop: for it "
+        "a hop to an I/O thread costs more than the work (0: always hop)",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers must arrive within this (else closed)"

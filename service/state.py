@@ -174,8 +174,13 @@ class Service:
         """``fn(*args)`` on the control threads (loading, materializing, cost maps)."""
         return await asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
 
-    async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the I/O threads (parsing, decoding and encoding images)."""
+    async def io(self, fn: Callable[..., T], *args: Any, data_bytes: int | None = None) -> T:
+        """``fn(*args)`` on the I/O threads (parsing, decoding and encoding images), or at once
+        on the event loop when the step's image data is at most ``inline_io_bytes``: a hop to
+        a thread and back costs ~0.1-0.2 ms, more than a small image's work (docs/service.md,
+        "Where the time goes")."""
+        if data_bytes is not None and data_bytes <= self.settings.inline_io_bytes:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     # -- admission ------------------------------------------------------------------------------
@@ -281,6 +286,7 @@ class Service:
             return lm, previous
 
 
-def service_of(request: Request) -> Service:
-    """The router dependency: the :class:`Service` of the app serving ``request``."""
+async def service_of(request: Request) -> Service:
+    """The router dependency: the :class:`Service` of the app serving ``request``. A coroutine
+    because FastAPI runs a plain-function dependency on its thread pool: a hop per request."""
     return request.app.state.service

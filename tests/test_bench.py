@@ -278,3 +278,46 @@ def test_every_registered_case_runs_and_renders(tiny_run, name):
     text = REGISTERED[name].markdown(result)
     assert isinstance(text, str) and text.strip()
     assert set(_registered_cases()) == set(CASES), "add the new case to CASES"
+
+
+def test_the_lean_sync_client_reads_keep_alive_replies_by_their_length():
+    """``benchmarks.lean_http.Sync`` against a real HTTP/1.1 server (stdlib): the bodies come
+    back whole (one larger than a socket read), in order, on one connection; a non-200 raises."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from typing import ClassVar
+
+    from benchmarks.lean_http import Call, Sync
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        connections: ClassVar[set] = set()
+
+        def do_POST(self) -> None:
+            Echo.connections.add(self.client_address)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            reply = body * int(self.headers.get("X-Times", "1"))
+            self.send_response(200 if self.path == "/ok" else 422)
+            self.send_header("Content-Length", str(len(reply)))
+            self.send_header("X-Len", str(len(body)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn = Sync("127.0.0.1", server.server_address[1])
+    try:
+        big = bytes(range(256)) * 1000
+        headers, body = conn.send(Call("/ok", big, {"X-Times": "3"}))
+        assert headers["x-len"] == str(len(big)) and bytes(body) == big * 3
+        headers, body = conn.send(Call("/ok", b"second"))
+        assert bytes(body) == b"second"
+        with pytest.raises(RuntimeError, match="422"):
+            conn.send(Call("/bad", b"x"))
+        assert len(Echo.connections) == 1  # one keep-alive connection
+    finally:
+        conn.close()
+        server.shutdown()

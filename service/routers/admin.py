@@ -15,8 +15,8 @@ from ..state import Service, service_of
 Svc = Annotated[Service, Depends(service_of)]
 
 
-def require_admin(request: Request) -> None:
-    token = service_of(request).settings.admin_token
+async def require_admin(request: Request) -> None:
+    token = (await service_of(request)).settings.admin_token
     if token is None:
         raise AdminDisabledError("the admin surface is off: set DYMU_ADMIN_TOKEN to enable it")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")

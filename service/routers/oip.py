@@ -171,14 +171,19 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
     lm = served(svc, model, version)
     max_pixels = svc.settings.max_pixels
     async with deadline(request, svc) as t0:
-        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        raw = await request.body()
+        header, binary = split_body(raw, request.headers.get(HEADER_LENGTH))
         # one hop to an I/O thread reads the request and its images, one encodes the reply
-        req, xs = await svc.io(read_infer, lm, header, binary, max_pixels)
+        # (none for small images: Service.io)
+        read = await svc.io(read_infer, lm, header, binary, max_pixels, data_bytes=len(raw))
+        req, xs = read
         subset, wanted = outputs_of(lm, req)
         pref, key = lm.ids.select(req.preference_id, req.r, req.c)
         ran = await run_images(svc, lm, key, pref, subset, xs)
         hw = (int(xs[0].shape[-2]), int(xs[0].shape[-1]))
-        body, json_size = await svc.io(reply_of, svc, lm, req, ran, (subset, hw), wanted, t0)
+        at, rgb_bytes = (subset, hw), len(xs) * hw[0] * hw[1] * 3
+        reply = await svc.io(reply_of, svc, lm, req, ran, at, wanted, t0, data_bytes=rgb_bytes)
+        body, json_size = reply
     if json_size is None:
         return Response(body, media_type="application/json")
     return Response(

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import torch
@@ -115,7 +116,7 @@ async def predict(request: Request, svc: Svc) -> Response:
     """
     lm = svc.require_ready()
     async with deadline(request, svc) as t0:
-        body = await parse_predict(request, svc.io)
+        body = await parse_predict(request, lambda fn, raw: svc.io(fn, raw, data_bytes=len(raw)))
         served = await _serve(svc, lm, body, request.scope.get("state", {}))
         return await _respond(svc, lm, body.fields, served, t0)
 
@@ -129,7 +130,7 @@ async def _serve(svc: Service, lm: LoadedModel, body: PredictBody, state: dict[s
     def decode() -> torch.Tensor:
         return lm.image_tensor(decode_image(body.image_bytes(), svc.settings.max_pixels))
 
-    x = await svc.io(decode)
+    x = await svc.io(decode, data_bytes=len(body.image))  # inline for a small image
     limit = sel.queue_limit(svc.settings.max_queue)
     ran = await run_images(svc, lm, key, pref, subset, [x], limit)
     hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -140,19 +141,20 @@ async def _respond(
     svc: Service, lm: LoadedModel, req: PredictJSON, s: Served, t0: float
 ) -> Response:
     names, specs = s.subset.names, lm.task_specs
+    io = partial(svc.io, data_bytes=s.hw[0] * s.hw[1] * 3)  # inline for a small image
     if req.format == "npz":  # one hop to an I/O thread: the cost, then the archive
-        metrics, payload = await svc.io(_npz_reply, svc, lm, s, t0)
+        metrics, payload = await io(_npz_reply, svc, lm, s, t0)
         return Response(payload, media_type=NPZ_MEDIA_TYPE, headers=_headers(metrics, s))
     # The cost and one PNG per task, encoded in parallel (zlib releases the GIL).
-    jobs = [svc.io(lm.cost, s.entry.architecture, s.hw, s.subset)]
-    jobs += [svc.io(encode_task, specs[t].kind, s.out.arrays[t], specs[t].classes) for t in names]
+    jobs = [io(lm.cost, s.entry.architecture, s.hw, s.subset)]
+    jobs += [io(encode_task, specs[t].kind, s.out.arrays[t], specs[t].classes) for t in names]
     cost, *pngs = await asyncio.gather(*jobs)
     svc.metrics.flops.inc(cost.flops)
     metrics = _metrics(lm, s, cost, t0)
     body = Prediction(outputs=dict(zip(names, pngs)), metrics=metrics)
     # Serialized on an I/O thread, ASCII-only: the base64 PNGs are ~0.5 MB at 288x384, and
     # JSONResponse's ensure_ascii=False encoder takes 3-4x longer, on the event loop.
-    payload = await svc.io(json_bytes, body.model_dump())
+    payload = await io(json_bytes, body.model_dump())
     return Response(payload, media_type="application/json", headers=_headers(metrics, s))
 
 

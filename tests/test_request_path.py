@@ -1,0 +1,98 @@
+"""The request path's own machinery, without a model: where ``Service.io`` runs a step, how the
+batcher hands out results and errors, and the cache of decoded preference ids
+(docs/service.md, "Where the time goes")."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import Batcher
+from service.errors import MalformedPreferenceIdError, UnknownPreferenceIdError
+from service.prefid import PreferenceIds
+from service.settings import Settings
+from service.state import Service
+
+TASKS = ("segmentation", "depth", "normals")
+
+
+def thread_of_step(inline_io_bytes: int, data_bytes: int | None) -> str:
+    async def main() -> str:
+        svc = Service(Settings(inline_io_bytes=inline_io_bytes))
+        svc._io = ThreadPoolExecutor(1, thread_name_prefix="dymu-io")  # what start() makes
+        try:
+            return await svc.io(lambda: threading.current_thread().name, data_bytes=data_bytes)
+        finally:
+            svc._io.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_a_small_images_step_runs_on_the_loop_and_a_large_ones_on_an_io_thread():
+    loop_thread = threading.current_thread().name
+    assert thread_of_step(65_536, 36_864) == loop_thread  # 96x128x3: the hop costs more
+    assert thread_of_step(65_536, 65_536) == loop_thread
+    assert thread_of_step(65_536, 65_537).startswith("dymu-io")
+    assert thread_of_step(65_536, 331_776).startswith("dymu-io")  # 288x384x3
+    assert thread_of_step(65_536, None).startswith("dymu-io")  # size unknown: hop
+
+
+def test_inline_io_bytes_zero_always_hops():
+    assert thread_of_step(0, 1).startswith("dymu-io")
+
+
+def run_batches(fn, payloads: list, max_batch: int = 4) -> list:
+    """Submit ``payloads`` to a batcher over ``fn``; each job's result or exception."""
+
+    async def main() -> list:
+        with ThreadPoolExecutor(1) as ex:
+            b = Batcher(fn, ex, workers=1, max_batch=max_batch, max_wait_s=0.01, max_queue=64)
+            b.start()
+            jobs = [b.submit("k", p) for p in payloads]
+            out = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+            later = b.submit("k", "after")  # the worker is free again after an error
+            out.append(await asyncio.wait_for(later.future, 5))
+            await b.stop()
+            return out
+
+    return asyncio.run(main())
+
+
+def test_the_batcher_hands_each_job_its_own_result():
+    seen: list[list[str]] = []
+
+    def fn(batch: list[str]) -> list[str]:
+        seen.append(list(batch))
+        return [p.upper() for p in batch]
+
+    out = run_batches(fn, ["a", "b", "c", "d", "e"])
+    assert out == ["A", "B", "C", "D", "E", "AFTER"]
+    assert seen[0] == ["a", "b", "c", "d"]  # one batch of max_batch, then the rest
+
+
+def test_a_failing_batch_fails_each_of_its_jobs_and_frees_the_worker():
+    def fn(batch: list[str]) -> list[str]:
+        if "bad" in batch:
+            raise ValueError("the model failed")
+        return batch
+
+    out = run_batches(fn, ["x", "bad"], max_batch=2)
+    assert [type(o) for o in out[:2]] == [ValueError, ValueError]
+    assert out[2] == "after"
+
+
+def test_decoded_ids_are_cached_but_an_altered_id_still_fails():
+    ids = PreferenceIds.create(list(TASKS), "scenes-small", "v5")
+    pid = ids.encode(ids.parse([0.6, 0.3, 0.1], 0.5)[1])
+    assert ids.decode(pid) == ids.decode(pid)
+    assert ids.decode(pid)[0].c == 0.5
+    altered = pid[:-1] + ("0" if pid[-1] != "0" else "1")
+    for _ in range(2):
+        with pytest.raises(MalformedPreferenceIdError):
+            ids.decode(altered)
+    other = PreferenceIds.create(list(TASKS), "scenes-small", "v4")  # another version's id space
+    with pytest.raises(UnknownPreferenceIdError):
+        other.decode(pid)
