@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from training.data import build_dataset, dataset_tasks
+from training.data import DatasetError, build_dataset, dataset_tasks
 from training.data.multidigits import CANVAS, N_TRAIN_SOURCES, make_pairs, source_digits
 
 
@@ -69,3 +70,27 @@ def test_train_and_test_use_disjoint_source_images():
         make_pairs(5, 0, "test")["image"][0],
         atol=1e-6,
     )
+
+
+def test_sources_keep_a_slice_of_the_pool_and_the_default_is_unchanged():
+    fit = make_pairs(3000, seed=1, split="train", sources=[0, 1200])
+    cal = make_pairs(2000, seed=3, split="train", sources=[1200, 1400])
+    used_fit = set(fit["left_index"]) | set(fit["right_index"])
+    used_cal = set(cal["left_index"]) | set(cal["right_index"])
+    assert max(used_fit) < 1200 <= min(used_cal) and max(used_cal) < N_TRAIN_SOURCES
+    assert len(used_cal) > 190  # the slice is drawn from, not one digit of it
+    assert (cal["left_index"] != cal["right_index"]).all()
+    whole = make_pairs(50, seed=1, split="train")
+    same = make_pairs(50, seed=1, split="train", sources=None)
+    for key in whole:  # shipped models were trained on the default: it must not move
+        np.testing.assert_array_equal(whole[key], same[key])
+    ds = build_dataset("multidigits", "train", n=4, sources=[1200, 1400])
+    assert len(ds) == 4
+
+
+@pytest.mark.parametrize(
+    "sources", [[5], [3, 3], [0, 1401], [-1, 10], [10, 11], [0.0, 5], [True, 5]]
+)
+def test_bad_sources_are_refused_with_the_reason(sources):
+    with pytest.raises(DatasetError, match="sources"):
+        make_pairs(10, split="train", sources=sources)

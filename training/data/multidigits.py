@@ -9,14 +9,17 @@ two 28x28 digits share a 36x36 canvas. Tasks ``left`` and ``right``: 10-way clas
 loss scale 1. The grey image is replicated to 3 channels so the same backbones apply.
 
 Fixed source split: the first 1,400 source images feed ``train``, the remaining 397 ``test``,
-so test pairs are made of digit images never seen in training. Pairs are drawn from
+so test pairs are made of digit images never seen in training. ``sources=(start, stop)`` keeps
+a slice of the split's pool: ``sources=(0, 1200)`` for the stages and ``(1200, 1400)`` for the
+calibration split give a path table on other writers' digits than those the streams fit
+(docs/training.md, "The calibration split"). Pairs are drawn from
 ``np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))`` with stream 0 for
 train and 1 for test; the same ``(n, seed, split)`` always gives the same pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -73,19 +76,41 @@ def source_indices(split: str) -> np.ndarray:
     return np.arange(N_TRAIN_SOURCES, n_all)
 
 
+def source_pool(split: str, sources: Sequence[int] | None = None) -> np.ndarray:
+    """The source digits ``split`` draws from: its whole pool, or the slice ``sources`` =
+    ``(start, stop)`` of it (at least 2 digits: a pair needs two different images)."""
+    pool = source_indices(split)
+    if sources is None:
+        return pool
+    if len(sources) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in sources):
+        raise DatasetError(f"multidigits: sources must be [start, stop] integers, got {sources!r}")
+    start, stop = sources
+    if not 0 <= start < stop <= len(pool) or stop - start < 2:
+        raise DatasetError(
+            f"multidigits: sources [{start}, {stop}] must satisfy 0 <= start, start + 2 <= stop "
+            f"<= {len(pool)} (the {SPLITS[split]} pool)"
+        )
+    return pool[start:stop]
+
+
 def make_pairs(
-    n: int, seed: int = 0, split: str = "train", digit_size: int = 24
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    digit_size: int = 24,
+    sources: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """``n`` overlaid pairs: ``image`` (n, 36, 36) float32 in [0, 1]; ``left``/``right`` (n,)
     labels; ``left_index``/``right_index`` (n,) indices into ``load_digits``; ``offsets`` (n, 4)
-    the (row, col) of the left digit's and the right digit's top-left corners."""
+    the (row, col) of the left digit's and the right digit's top-left corners. ``sources``:
+    ``(start, stop)``, the slice of the split's pool of source digits to draw from."""
     if split not in SPLITS:
         raise DatasetError(f"multidigits has splits train and test (val = test), not {split!r}")
     if not 8 <= digit_size <= CANVAS - JITTER:
         raise DatasetError(f"multidigits: digit_size must be in 8..{CANVAS - JITTER}")
     split = SPLITS[split]
     digits, labels = source_digits(digit_size)
-    pool = source_indices(split)
+    pool = source_pool(split, sources)
     rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(STREAMS[split],)))
     li = pool[rng.integers(len(pool), size=n)]
     # a different source image on the right: shift by 1..len-1 within the pool
@@ -120,9 +145,11 @@ def build_multidigits(
     n: int | None = None,
     seed: int = 0,
     digit_size: int = 24,
+    sources: Sequence[int] | None = None,
     transform: Callable[[Sample], Sample] | None = None,
 ) -> ArrayDataset:
-    """The ``multidigits`` split: ``n`` pairs (default 10,000 train, 2,000 test) of ``seed``."""
+    """The ``multidigits`` split: ``n`` pairs (default 10,000 train, 2,000 test) of ``seed``,
+    drawn from the slice ``sources`` of the split's source digits (default: all of them)."""
     if root is not None:
         raise DatasetError("multidigits is generated from scikit-learn's digits; it takes no root")
     if split not in SPLITS:
@@ -130,7 +157,7 @@ def build_multidigits(
     n = DEFAULT_N[SPLITS[split]] if n is None else int(n)
     if n < 1:
         raise DatasetError(f"multidigits: n must be >= 1, got {n}")
-    pairs = make_pairs(n, seed, split, digit_size)
+    pairs = make_pairs(n, seed, split, digit_size, sources)
     return ArrayDataset(
         multidigits_tasks(),
         pairs["image"],
