@@ -47,6 +47,14 @@ class AnchorStage(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     pretrained: str | None = Field(default=None, description="artifact to take the streams from")
+    select_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="every this many steps, each stream's loss on the calibration split; each "
+        "stream ends at its lowest (needs [data] calibration_options; docs/training.md, "
+        "'Stream selection'). None: the streams end where the steps end, as in the paper",
+    )
+    select_images: int = Field(default=512, ge=2, description="calibration images it measures")
 
 
 class TrunkStage(_Strict):

@@ -51,6 +51,7 @@ def train_stage(
     weight_decay: float = 0.0,
     find_unused: bool = False,
     stream: str | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> None:
     """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
 
@@ -59,6 +60,8 @@ def train_stage(
     stage must call ``net``, not ``module``, so that the gradients are averaged across ranks).
     ``stream`` names the random stream of the batch indices when it is not ``stage`` (the
     baselines: one stream for every method, so that they all see the same batches).
+    ``after_step(step)`` runs after each step, before its checkpoint (stage 0's stream
+    selection, training/selection.py).
     """
     from tqdm import tqdm  # tqdm is a training extra: importing training must not need it
 
@@ -100,6 +103,8 @@ def train_stage(
                     **{k: stats.get(k, "") for k in LOG_FIELDS},
                 }
             )
+        if after_step is not None:
+            after_step(step)
         if run.budget is not None:
             run.budget -= 1
             if run.budget <= 0 and step + 1 < steps:

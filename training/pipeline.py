@@ -139,8 +139,14 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
         init_encoders(model, config.backbone.init)
     if not config.trunk.steps:  # the common trunk is off: the paper's independent streams
         stages = tuple(s for s in stages if s != "trunk")
+    selecting = config.anchor.select_every is not None and "anchor" in stages
+    if selecting and config.data.calibration_options is None:
+        raise ConfigError(
+            "[anchor] select_every measures the streams on the calibration split: "
+            "set [data] calibration_options (docs/training.md, 'Stream selection')"
+        )
     calibration = None
-    if config.data.calibration_options is not None and "edge" in stages:
+    if config.data.calibration_options is not None and ("edge" in stages or selecting):
         calibration = split_dataset(config, calibration=True)
     run = Run(
         config, model, dataset, dev, run_dir, request.progress,
@@ -174,6 +180,7 @@ def run_stages(run: Run, stages: tuple[str, ...], position: Position | None) -> 
             "wall_s": round(time.perf_counter() - t0, 2),
             "steps": getattr(getattr(run.config, stage), "steps", None),
             "resumed_at": start or None,
+            **run.notes.pop(stage, {}),
         }
         following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else stage
         save_checkpoint(run, following, 0, None)

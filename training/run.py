@@ -35,7 +35,7 @@ _STREAM_ID = {
     for i, name in enumerate(
         (
             "anchor", "affinity", "edge", "weight", "edge-pref", "weight-pref",
-            "baseline", "baseline-pref", "trunk", "edge-paths",
+            "baseline", "baseline-pref", "trunk", "edge-paths", "stream-selection",
         )
     )
 }  # fmt: skip
@@ -106,6 +106,8 @@ class Run:
     dist: Distributed = field(default_factory=Distributed)
     # images of the training source that no stage trains on: the edge stage's path table
     calibration_set: torch.utils.data.Dataset | None = None
+    # what a stage chose, for its entry in ``completed`` (the stream selection's steps)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:

@@ -32,6 +32,7 @@ from .config import EdgeStage
 from .loop import freeze, task_stats, train_stage
 from .paths import batched_regularizer, expected_task_losses, own_path_losses, path_losses
 from .run import Run, step_generator
+from .selection import StreamSelector
 from .tasks import weighted_task_loss
 from .trees import TreeTable
 
@@ -89,9 +90,10 @@ def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
 
 
 def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
-    """Stage 0: each stream trained alone on its own task (sum of independent losses)."""
+    """Stage 0: each stream trained alone on its own task (sum of independent losses); with
+    ``select_every``, each ends at its lowest calibration loss (training/selection.py)."""
     cfg, anchor = run.config.anchor, run.model.anchor
-    loss_fn = all_tasks_loss(run)
+    selector = StreamSelector.begin(run, start) if cfg.select_every else None
     train_stage(
         run,
         "anchor",
@@ -99,10 +101,13 @@ def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
         cfg,
         start,
         opt_state,
-        loss_fn,
+        all_tasks_loss(run),
         lambda s: cfg.lr,
         weight_decay=cfg.weight_decay,
+        after_step=selector.observe if selector else None,
     )
+    if selector is not None:
+        run.notes["anchor"] = {"selection": selector.finish()}
 
 
 @torch.no_grad()
