@@ -321,3 +321,15 @@ def test_the_lean_sync_client_reads_keep_alive_replies_by_their_length():
     finally:
         conn.close()
         server.shutdown()
+
+
+def test_overload_reports_how_fast_a_full_server_refuses(tiny_run):
+    report, out, _ = tiny_run
+    runs = report["cases"]["overload"]["result"]["runs"]
+    assert runs
+    for r in runs:
+        if r["http_503"] == 0:
+            assert r["p50_503_ms"] is None and r["p95_503_ms"] is None
+        else:
+            assert 0 < r["p50_503_ms"] <= r["p95_503_ms"] < 1e3 * 30
+    assert "503 p50 ms" in (out / "summary.md").read_text()
