@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -105,12 +106,7 @@ class Sync:
         self._pending = b""  # bytes received past the previous reply (none with one in flight)
 
     def send(self, call: Call) -> tuple[dict[str, str], bytes]:
-        lines = [f"{call.method} {call.path} HTTP/1.1", f"Host: {self.host}"]
-        lines += [f"{k}: {v}" for k, v in call.headers.items()]
-        lines.append(f"Content-Length: {len(call.body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.sock.sendmsg([head, call.body])
-        status, headers, body = self._reply()
+        status, headers, body = _send_raw(self, call)
         if status != 200:
             raise RuntimeError(f"{call.path}: {status} {bytes(body[:300])!r}")
         return headers, body
@@ -197,3 +193,64 @@ async def closed_loop(host: str, port: int, call: Call, clients: int, seconds: f
         for _, w in conns:
             w.close()
     return LoadResult(time.perf_counter() - start, latencies, batches)
+
+
+def probe_statuses(
+    host: str, port: int, call: Call, seconds: float, interval: float
+) -> list[tuple[int, float]]:
+    """(status, seconds) of ``call`` sent every ``interval`` s for ``seconds``, each on a new
+    connection (a 503 closes it): how fast the server answers one more client while others load
+    it. Run in a process of its own (:func:`probe_in_process`) so that the load's client loop
+    does not delay it."""
+    seen: list[tuple[int, float]] = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        conn = Sync(host, port)
+        try:
+            status, _, _ = _send_raw(conn, call)
+            seen.append((status, time.perf_counter() - t0))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+    return seen
+
+
+def _send_raw(conn: Sync, call: Call) -> tuple[int, dict[str, str], bytes]:
+    lines = [f"{call.method} {call.path} HTTP/1.1", f"Host: {conn.host}"]
+    lines += [f"{k}: {v}" for k, v in call.headers.items()]
+    lines.append(f"Content-Length: {len(call.body)}")
+    conn.sock.sendmsg([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), call.body])
+    return conn._reply()
+
+
+def _probe_main(args: tuple, out: Any) -> None:
+    out.send(probe_statuses(*args))
+    out.close()
+
+
+class ProbeProcess:
+    """:func:`probe_statuses` in a spawned process: ``start()``, then ``result()``."""
+
+    def __init__(self, host: str, port: int, call: Call, seconds: float, interval: float) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_probe_main, args=((host, port, call, seconds, interval), send), daemon=True
+        )
+
+    def start(self) -> ProbeProcess:
+        self._proc.start()
+        return self
+
+    def result(self, timeout: float = 120.0) -> list[tuple[int, float]]:
+        if not self._recv.poll(timeout):
+            self._proc.kill()
+            raise TimeoutError("the probe process did not report")
+        seen = self._recv.recv()
+        self._proc.join(5)
+        return seen

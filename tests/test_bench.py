@@ -332,4 +332,6 @@ def test_overload_reports_how_fast_a_full_server_refuses(tiny_run):
             assert r["p50_503_ms"] is None and r["p95_503_ms"] is None
         else:
             assert 0 < r["p50_503_ms"] <= r["p95_503_ms"] < 1e3 * 30
-    assert "503 p50 ms" in (out / "summary.md").read_text()
+        assert r["probe_requests"] >= 1 and 0 <= r["probe_503"] <= r["probe_requests"]
+        assert (r["probe_p50_503_ms"] is None) == (r["probe_503"] == 0)
+    assert "503 p50 ms, lean probe" in (out / "summary.md").read_text()
