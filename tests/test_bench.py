@@ -8,6 +8,7 @@ versions, the store's newest version) and on the interleaving itself.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,9 @@ def test_request_path_fields(tiny_run):
     rd = load["rounds"][0]
     assert rd["images"] > 0 and 1 <= rd["batch"] <= 8 and rd["model_images_per_s"] > 0
     assert load["ratio"] == rd["ratio"] > 0
+    if (report["config"]["threads"] or len(os.sched_getaffinity(0))) > 1:  # a worker per core
+        assert load["workers"] == str(report["config"]["threads"] or len(os.sched_getaffinity(0)))
+        assert 1 <= rd["workers_batch"] <= 8 and load["workers_ratio"] == rd["workers_ratio"] > 0
 
 
 def test_interleave_alternates_variants_in_rotating_order():

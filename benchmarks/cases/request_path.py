@@ -17,7 +17,9 @@ requests and replies) for ``request_seconds``; then, in this process, the same t
 backend with the same threads (the service's own ``Runner``) at the batch size the server formed
 (images / batches, rounded) for as long. Ratio = server images/s / model-alone images/s, paired
 per round. The clients run in this process on the same cores (not pinned: docs/benchmarks.md,
-"Issue 15, item 4").
+"Issue 15, item 4"). On a multi-core CPU run a third server joins the rounds: one inference
+worker per core with one intra-op thread each (``WORKERS``), against the model alone (the run's
+threads) at the batch that server formed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from .server import BATCHING, ServerProcess, direct_runner, image_png, wait_onnx
 from .switch import served_preference
 
 BASELINE_ENV = "DYMU_BENCH_BASELINE"
+#: Item 4's second server on a multi-core CPU run: one inference worker per core, each with one
+#: intra-op thread (batches in flight side by side instead of one batch on every core).
+WORKERS = "this tree, 1 thread per worker"
 FORMATS = ("npz", "JSON-PNG", "OIP binary")
 
 
@@ -155,7 +160,7 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
             clients, seconds = cfg.request_clients, cfg.request_seconds
             seen[label] = asyncio.run(closed_loop("127.0.0.1", server.port, call, clients, seconds))
         res = seen["this tree"]
-        per_batch = len(res.batches) / sum(1.0 / b for b in res.batches)
+        per_batch = _mean_batch(res)
         batch = max(1, round(per_batch))
         alone = _model_alone(runner, x1[None].repeat(batch, 1, 1, 1), cfg.request_seconds)
         model_ips = batch / statistics.median(alone)
@@ -174,6 +179,14 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
         if "baseline" in seen:
             rd["baseline_images_per_s"] = seen["baseline"].images_per_s
             rd["baseline_ratio"] = seen["baseline"].images_per_s / model_ips
+        if WORKERS in seen:  # against the model alone at the batch that server formed
+            wb = max(1, round(_mean_batch(seen[WORKERS])))
+            w_alone = alone if wb == batch else _model_alone(
+                runner, x1[None].repeat(wb, 1, 1, 1), cfg.request_seconds
+            )  # fmt: skip
+            rd["workers_images_per_s"] = seen[WORKERS].images_per_s
+            rd["workers_batch"] = wb
+            rd["workers_ratio"] = seen[WORKERS].images_per_s / (wb / statistics.median(w_alone))
         rounds.append(rd)
     out = {
         "size": size_label(hw),
@@ -187,7 +200,15 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
     }
     if "baseline" in servers:
         out["baseline_ratio"] = statistics.median(rd["baseline_ratio"] for rd in rounds)
+    if WORKERS in servers:
+        out["workers"] = servers[WORKERS].env.get("DYMU_INFERENCE_WORKERS")
+        out["workers_ratio"] = statistics.median(rd["workers_ratio"] for rd in rounds)
     return out
+
+
+def _mean_batch(res: Any) -> float:
+    """The server's mean batch, per batch (each image reports the size of its batch)."""
+    return len(res.batches) / sum(1.0 / b for b in res.batches)
 
 
 def _model_alone(runner: Any, x: Any, seconds: float) -> list[float]:
@@ -206,15 +227,19 @@ def _servers(ctx: Context, backend: str, batching: str) -> dict[str, ServerProce
     device = "cpu" if ctx.device.type == "cpu" else str(ctx.device)
     env = {**BATCHING[batching], **_threads_env(ctx)}
     model_dir = Path(ctx.model_dir).resolve()
-    roots = {"this tree": None}
+    roots: dict[str, tuple[Path | None, dict[str, str]]] = {"this tree": (None, env)}
     baseline = os.environ.get(BASELINE_ENV)
     if baseline:
-        roots["baseline"] = Path(baseline)
+        roots["baseline"] = (Path(baseline), env)
+    cores = ctx.config.threads or len(os.sched_getaffinity(0))
+    if batching == "on" and device == "cpu" and cores > 1:  # one worker per core instead
+        one = {"DYMU_TORCH_THREADS": "1", "DYMU_ONNX_THREADS": "1"}
+        roots[WORKERS] = (None, {**env, **one, "DYMU_INFERENCE_WORKERS": str(cores)})
     servers = {}
     try:
-        for label, root in roots.items():  # one at a time: --backend auto measures at warm-up
+        for label, (root, env_) in roots.items():  # one at a time: auto measures at warm-up
             kw = {} if root is None else {"root": root}
-            servers[label] = ServerProcess(model_dir, backend, device, env, **kw)
+            servers[label] = ServerProcess(model_dir, backend, device, env_, **kw)
             servers[label].wait_ready()
     except BaseException:
         for server in servers.values():
@@ -278,6 +303,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{ld['clients']} clients (OIP binary), batching on, {ld['size']}, backend "
             f"{ld['backend']}: server / model alone = **{ld['ratio']:.2f}** (median of rounds)"
             + (f"; baseline {ld['baseline_ratio']:.2f}" if "baseline_ratio" in ld else "")
+            + (
+                f"; {ld['workers']} workers of 1 thread each: {ld['workers_ratio']:.2f} (against "
+                "the model alone at the batch that server formed)"
+                if "workers_ratio" in ld
+                else ""
+            )
             + "\n"
         )
         heads = ["server img/s", "mean batch", "model alone img/s at batch", "ratio", "p50 ms"]

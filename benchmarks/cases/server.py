@@ -66,6 +66,7 @@ class ServerProcess:
         self, model_dir: Path, backend: str, device: str, env: dict[str, str], root: Path = ROOT
     ) -> None:
         self.port = free_port()
+        self.env = env
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", SERVE, str(model_dir), "--port", str(self.port)]
         cmd += ["--backend", backend, "--device", device, "--log-level", "warning"]
