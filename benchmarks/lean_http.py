@@ -106,10 +106,19 @@ class Sync:
         self._pending = b""  # bytes received past the previous reply (none with one in flight)
 
     def send(self, call: Call) -> tuple[dict[str, str], bytes]:
-        status, headers, body = _send_raw(self, call)
+        """The reply's headers and body; raises unless its status is 200."""
+        status, headers, body = self.request(call)
         if status != 200:
             raise RuntimeError(f"{call.path}: {status} {bytes(body[:300])!r}")
         return headers, body
+
+    def request(self, call: Call) -> tuple[int, dict[str, str], bytes]:
+        """Send ``call``; the reply's status, headers and body, whatever the status."""
+        lines = [f"{call.method} {call.path} HTTP/1.1", f"Host: {self.host}"]
+        lines += [f"{k}: {v}" for k, v in call.headers.items()]
+        lines.append(f"Content-Length: {len(call.body)}")
+        self.sock.sendmsg([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), call.body])
+        return self._reply()
 
     def _reply(self) -> tuple[int, dict[str, str], bytes]:
         buf = self._pending
@@ -200,7 +209,7 @@ def probe_statuses(
 ) -> list[tuple[int, float]]:
     """(status, seconds) of ``call`` sent every ``interval`` s for ``seconds``, each on a new
     connection (a 503 closes it): how fast the server answers one more client while others load
-    it. Run in a process of its own (:func:`probe_in_process`) so that the load's client loop
+    it. Run in a process of its own (:class:`ProbeProcess`) so that the load's client loop
     does not delay it."""
     seen: list[tuple[int, float]] = []
     stop = time.perf_counter() + seconds
@@ -208,7 +217,7 @@ def probe_statuses(
         t0 = time.perf_counter()
         conn = Sync(host, port)
         try:
-            status, _, _ = _send_raw(conn, call)
+            status, _, _ = conn.request(call)
             seen.append((status, time.perf_counter() - t0))
         except OSError:
             pass
@@ -216,14 +225,6 @@ def probe_statuses(
             conn.close()
         time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
     return seen
-
-
-def _send_raw(conn: Sync, call: Call) -> tuple[int, dict[str, str], bytes]:
-    lines = [f"{call.method} {call.path} HTTP/1.1", f"Host: {conn.host}"]
-    lines += [f"{k}: {v}" for k, v in call.headers.items()]
-    lines.append(f"Content-Length: {len(call.body)}")
-    conn.sock.sendmsg([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), call.body])
-    return conn._reply()
 
 
 def _probe_main(args: tuple, out: Any) -> None:

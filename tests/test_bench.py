@@ -339,3 +339,38 @@ def test_overload_reports_how_fast_a_full_server_refuses(tiny_run):
         assert r["probe_requests"] >= 1 and 0 <= r["probe_503"] <= r["probe_requests"]
         assert (r["probe_p50_503_ms"] is None) == (r["probe_503"] == 0)
     assert "503 p50 ms, lean probe" in (out / "summary.md").read_text()
+
+
+def test_the_refusal_probe_times_each_request_on_a_new_connection():
+    """``benchmarks.lean_http.probe_statuses`` against a real server that refuses and closes."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks.lean_http import Call, probe_statuses
+
+    ports: list[int] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            ports.append(self.client_address[1])
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        seen = probe_statuses("127.0.0.1", port, Call("/p", b"x" * 10), 0.3, 0.05)
+    finally:
+        server.shutdown()
+    assert 2 <= len(seen) <= 7  # one request per 50 ms for 0.3 s
+    assert all(status == 503 and 0 < dt < 1.0 for status, dt in seen)
+    assert len(set(ports)) == len(seen)  # a new connection each time
