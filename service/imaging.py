@@ -53,6 +53,16 @@ def normalization_for(
     return tuple(mean or m), tuple(std or s), source
 
 
+def declared_pixels(data: bytes) -> int | None:
+    """Width x height from a PNG/JPEG header, without decoding; None when it cannot be read
+    (the decoder then says why). A few KB of PNG can declare millions of pixels."""
+    try:
+        w, h = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
+    except Exception:
+        return None
+    return w * h
+
+
 def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 RGB array (H, W, 3), enforcing the limits."""
     if not data:

@@ -69,9 +69,9 @@ class Settings(BaseSettings):
     inline_io_bytes: int = Field(
         65_536,
         ge=0,
-        description="a request step whose image data is at most this many bytes (the body when "
-        "reading; H x W x 3 per image when encoding the reply) runs on the event loop: for it "
-        "a hop to an I/O thread costs more than the work (0: always hop)",
+        description="a request step whose image data is at most this many bytes (H x W x 3 per "
+        "image: as a PNG/JPEG header declares, raw OIP pixels, the reply's outputs) runs on the "
+        "event loop: for it a hop to an I/O thread costs more than the work (0: always hop)",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     header_timeout_s: float = Field(

@@ -5,16 +5,23 @@ batcher hands out results and errors, and the cache of decoded preference ids
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from service.batching import Batcher
+from service.client import DymuClient
 from service.errors import MalformedPreferenceIdError, UnknownPreferenceIdError
+from service.imaging import declared_pixels
 from service.prefid import PreferenceIds
 from service.settings import Settings
 from service.state import Service
+
+from .test_service import HW, png, random_image, running, save_tiny
 
 TASKS = ("segmentation", "depth", "normals")
 
@@ -96,3 +103,42 @@ def test_decoded_ids_are_cached_but_an_altered_id_still_fails():
     other = PreferenceIds.create(list(TASKS), "scenes-small", "v4")  # another version's id space
     with pytest.raises(UnknownPreferenceIdError):
         other.decode(pid)
+
+
+def test_declared_pixels_reads_the_header_only():
+    solid = io.BytesIO()
+    Image.new("RGB", (1500, 1200), (10, 20, 30)).save(solid, format="PNG")
+    assert len(solid.getvalue()) < 16_384  # a few KB that decode to 5.4 MB
+    assert declared_pixels(solid.getvalue()) == 1500 * 1200
+    assert declared_pixels(b"not an image") is None
+
+
+def test_predict_decodes_a_small_image_on_the_loop_and_a_large_one_off_it(tmp_path, monkeypatch):
+    """On a real server: the choice follows the pixels the image declares, not its bytes."""
+    import service.routers.predict as predict
+
+    threads: list[str] = []
+    decode = predict.decode_image
+
+    def recording(data: bytes, max_pixels: int) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return decode(data, max_pixels)
+
+    monkeypatch.setattr(predict, "decode_image", recording)
+    small = png(random_image(0, HW))  # 24x32: 2.3 KB of pixels, on the loop
+    large = io.BytesIO()
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(large, format="PNG")  # ~1 KB, 0.9 MB of pixels
+    with running(save_tiny(tmp_path), inline_io_bytes=65_536) as srv, DymuClient(srv.url) as c:
+        for image in (small, large.getvalue()):
+            c.predict(image, format="npz")
+    assert not threads[0].startswith("dymu-io")
+    assert threads[1].startswith("dymu-io")
+
+
+def test_an_infer_request_is_read_on_the_loop_only_when_its_inputs_are_raw_pixels():
+    from service.routers.oip import raw_pixels_only
+
+    assert raw_pixels_only({"inputs": [{"name": "image", "datatype": "UINT8"}]})
+    assert not raw_pixels_only({"inputs": [{"name": "image", "datatype": "BYTES"}]})
+    assert not raw_pixels_only({"inputs": [{"datatype": "UINT8"}, {"datatype": "BYTES"}]})
+    assert not raw_pixels_only({"inputs": "image"}) and not raw_pixels_only({})

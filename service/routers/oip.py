@@ -174,8 +174,9 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
         raw = await request.body()
         header, binary = split_body(raw, request.headers.get(HEADER_LENGTH))
         # one hop to an I/O thread reads the request and its images, one encodes the reply
-        # (none for small images: Service.io)
-        read = await svc.io(read_infer, lm, header, binary, max_pixels, data_bytes=len(raw))
+        # (none for small images: Service.io; encoded images may decode large, so they hop)
+        size = len(raw) if raw_pixels_only(header) else None
+        read = await svc.io(read_infer, lm, header, binary, max_pixels, data_bytes=size)
         req, xs = read
         subset, wanted = outputs_of(lm, req)
         pref, key = lm.ids.select(req.preference_id, req.r, req.c)
@@ -188,6 +189,14 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
         return Response(body, media_type="application/json")
     return Response(
         body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_size)}
+    )
+
+
+def raw_pixels_only(header: dict[str, Any]) -> bool:
+    """Whether every input is raw UINT8 pixels (then the body's size bounds the work)."""
+    inputs = header.get("inputs")
+    return isinstance(inputs, list) and all(
+        isinstance(i, dict) and i.get("datatype") == "UINT8" for i in inputs
     )
 
 

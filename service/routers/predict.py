@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from dymu.cost import Cost
 
 from ..errors import ERROR_RESPONSES
-from ..imaging import decode_image, encode_npz, encode_task
+from ..imaging import declared_pixels, decode_image, encode_npz, encode_task
 from ..inference import deadline, run_images
 from ..parsing import PredictBody, parse_predict
 from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
@@ -127,10 +127,15 @@ async def _serve(svc: Service, lm: LoadedModel, body: PredictBody, state: dict[s
     sel = await select(svc, lm, req, subset, state)
     pref, key = sel.preference, sel.key
 
-    def decode() -> torch.Tensor:
-        return lm.image_tensor(decode_image(body.image_bytes(), svc.settings.max_pixels))
+    # Inline (Service.io) only when the image *decodes* small: its header says how many pixels.
+    data = body.image_bytes() if len(body.image) <= svc.settings.inline_io_bytes else None
+    pixels = declared_pixels(data) if data is not None else None
 
-    x = await svc.io(decode, data_bytes=len(body.image))  # inline for a small image
+    def decode() -> torch.Tensor:
+        raw = data if data is not None else body.image_bytes()
+        return lm.image_tensor(decode_image(raw, svc.settings.max_pixels))
+
+    x = await svc.io(decode, data_bytes=None if pixels is None else 3 * pixels)
     limit = sel.queue_limit(svc.settings.max_queue)
     ran = await run_images(svc, lm, key, pref, subset, [x], limit)
     hw = (int(x.shape[-2]), int(x.shape[-1]))
