@@ -34,12 +34,16 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
 
-    def raw(self, host: str) -> bytes:
-        """The request as bytes on the wire (for :func:`closed_loop`)."""
+    def head(self, host: str) -> bytes:
+        """The request line and headers as bytes on the wire, up to the body."""
         lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}"]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         lines.append(f"Content-Length: {len(self.body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def raw(self, host: str) -> bytes:
+        """The request as bytes on the wire (for :func:`closed_loop`)."""
+        return self.head(host) + self.body
 
 
 def form_call(image: bytes, fields: dict[str, str]) -> Call:
@@ -114,10 +118,7 @@ class Sync:
 
     def request(self, call: Call) -> tuple[int, dict[str, str], bytes]:
         """Send ``call``; the reply's status, headers and body, whatever the status."""
-        lines = [f"{call.method} {call.path} HTTP/1.1", f"Host: {self.host}"]
-        lines += [f"{k}: {v}" for k, v in call.headers.items()]
-        lines.append(f"Content-Length: {len(call.body)}")
-        self.sock.sendmsg([("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), call.body])
+        self.sock.sendmsg([call.head(self.host), call.body])
         return self._reply()
 
     def _reply(self) -> tuple[int, dict[str, str], bytes]:

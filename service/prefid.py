@@ -140,7 +140,7 @@ class PreferenceIds:
         return canonicalize(r, 0.0 if c is None else c, self.tasks)
 
     def decode(self, pref_id: str) -> tuple[Preference, CanonicalKey]:
-        return _decode_cached(pref_id, tuple(self.tasks), self.model_name, self.model_version)
+        return _decode_cached(pref_id, self.tasks, self.model_name, self.model_version)
 
     def select(self, preference_id: str | None, r: Any, c: Any) -> tuple[Preference, CanonicalKey]:
         """The preference a /predict request asks for: by id, inline (r, c), or the default."""

@@ -58,3 +58,17 @@ def randomize_(
 def tiny_model() -> dymu.ControllableModel:
     torch.manual_seed(0)
     return randomize_(dymu.create_model(tiny_config()))
+
+
+def prepared_run(tmp_path, config, stages: tuple[str, ...]):
+    """``training.pipeline.prepare_run`` of ``config`` for ``stages`` on the CPU, writing under
+    ``tmp_path``: a run whose stage functions a test calls itself."""
+    from training.distributed import Distributed
+    from training.pipeline import RunRequest, prepare_run
+
+    request = RunRequest(
+        config, tmp_path / "out", tmp_path / "run", torch.device("cpu"), Distributed(),
+        resume=False, stages=stages, progress=False, command=None, max_steps=None,
+    )  # fmt: skip
+    run, _, _ = prepare_run(request)
+    return run

@@ -22,6 +22,8 @@ from training.pipeline import model_config, run_training
 from training.stages import branched_init_
 from training.tasks import task_loss
 
+from .conftest import prepared_run
+
 
 def random_probs(batch: int, n: int, layers: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -218,9 +220,6 @@ def test_the_trunk_is_shared_then_copied_into_every_stream(tmp_path):
 
 
 def _calibrated_run(tmp_path, calibration):
-    from training.distributed import Distributed
-    from training.pipeline import RunRequest, prepare_run
-
     base = load_config("scenes-tiny")
     config = base.model_copy(
         update={
@@ -230,12 +229,7 @@ def _calibrated_run(tmp_path, calibration):
             ),
         }
     )
-    request = RunRequest(
-        config, tmp_path / "out", tmp_path / "run", torch.device("cpu"), Distributed(),
-        resume=False, stages=("edge",), progress=False, command=None, max_steps=None,
-    )  # fmt: skip
-    run, _, _ = prepare_run(request)
-    return run
+    return prepared_run(tmp_path, config, ("edge",))
 
 
 def test_the_path_table_reads_the_calibration_split_not_the_training_images(tmp_path):

@@ -11,8 +11,9 @@ import torch
 
 from dymu.errors import ConfigError
 from training.config import load_config
-from training.distributed import Distributed
-from training.pipeline import RunRequest, prepare_run, run_training
+from training.pipeline import run_training
+
+from .conftest import prepared_run
 
 CALIBRATION = {"n": 8, "seed": 7}
 
@@ -31,12 +32,7 @@ def selecting_config(every: int = 2, steps: int = 6, calibration: dict | None = 
 
 
 def prepared(tmp_path, config):
-    request = RunRequest(
-        config, tmp_path / "out", tmp_path / "run", torch.device("cpu"), Distributed(),
-        resume=False, stages=("anchor",), progress=False, command=None, max_steps=None,
-    )  # fmt: skip
-    run, _, _ = prepare_run(request)
-    return run
+    return prepared_run(tmp_path, config, ("anchor",))
 
 
 def states(run) -> list[dict[str, torch.Tensor]]:

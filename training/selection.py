@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .evaluation.checks import evaluate
 from .loop import LOG_FIELDS
 from .run import Run
-from .tasks import weighted_task_loss
 
 SELECTION = "stream_selection.safetensors"
 SELECTION_META = "stream_selection.json"
@@ -58,22 +58,19 @@ class StreamSelector:
 
     @torch.no_grad()
     def losses(self) -> list[float]:
-        """Each stream's own task loss w_i L_i over the calibration images (eval mode)."""
+        """Each stream's own task loss w_i L_i over the calibration images: the split-level loss
+        of the evaluation (:func:`training.evaluation.checks.evaluate`), in eval mode."""
         anchor = self.run.model.anchor
         was_training = anchor.training
         anchor.eval()
-        sums = [0.0] * anchor.n_tasks
-        count = 0
-        for batch in self.batches:
+
+        def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.run.autocast():
-                out = anchor(batch["image"])
-            _, per_task = weighted_task_loss(self.run.tasks, out, batch, None)
-            b = len(batch["image"])
-            count += b
-            for j, task in enumerate(self.run.tasks):
-                sums[j] += float(per_task[task.name]) * b
+                return anchor(x)
+
+        metrics = evaluate(predict, self.batches, self.run.tasks, device=self.run.device)
         anchor.train(was_training)
-        return [s / count for s in sums]
+        return [metrics[t.name]["loss"] * t.loss_scale for t in self.run.tasks]
 
     def observe(self, step: int) -> None:
         """After optimizer step ``step`` (-1: before the first): measure on every ``every``-th
