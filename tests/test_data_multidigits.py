@@ -8,7 +8,13 @@ import torch
 from sklearn.datasets import load_digits
 
 from training.data import DatasetError, build_dataset, dataset_tasks
-from training.data.multidigits import CANVAS, N_TRAIN_SOURCES, make_pairs, source_digits
+from training.data.multidigits import (
+    CANVAS,
+    N_TRAIN_SOURCES,
+    make_pairs,
+    source_digits,
+    warp_digits,
+)
 
 
 def test_shapes_tasks_and_determinism():
@@ -94,3 +100,29 @@ def test_sources_keep_a_slice_of_the_pool_and_the_default_is_unchanged():
 def test_bad_sources_are_refused_with_the_reason(sources):
     with pytest.raises(DatasetError, match="sources"):
         make_pairs(10, split="train", sources=sources)
+
+
+def test_warp_renders_each_digit_through_its_own_affine_map():
+    plain = make_pairs(400, seed=2, split="train")
+    warped = make_pairs(400, seed=2, split="train", warp=True)
+    for key in ("left", "right", "left_index", "right_index", "offsets"):  # the same pairs
+        np.testing.assert_array_equal(plain[key], warped[key])
+    assert warped["image"].dtype == np.float32
+    assert warped["image"].min() >= 0.0 and warped["image"].max() <= 1.0
+    changed = np.abs(warped["image"] - plain["image"]).reshape(400, -1).max(axis=1)
+    assert (changed > 0.1).mean() > 0.95  # nearly every pair is redrawn
+    # a map about the centre keeps the ink near where it was and in about the same amount
+    ink_plain, ink_warped = plain["image"].sum(axis=(1, 2)), warped["image"].sum(axis=(1, 2))
+    assert np.median(ink_warped / ink_plain) == pytest.approx(1.0, abs=0.15)
+    # the same source digit twice looks different: each rendering gets its own map
+    digit = source_digits()[0][:1]
+    twice = warp_digits(np.repeat(digit, 2, axis=0), np.random.default_rng(0))
+    assert np.abs(twice[0] - twice[1]).max() > 0.1
+    # with every bound at zero the map is the identity
+    np.testing.assert_allclose(
+        warp_digits(digit, np.random.default_rng(0), bounds=(0.0, 0.0, 0.0)), digit, atol=1e-5
+    )
+    again = make_pairs(400, seed=2, split="train", warp=True)
+    np.testing.assert_array_equal(warped["image"], again["image"])
+    with pytest.raises(DatasetError, match="warp"):
+        build_dataset("multidigits", "train", n=4, warp="yes")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import imaging
 from service.batching import Batcher
 from service.client import DymuClient
-from service.errors import MalformedPreferenceIdError, UnknownPreferenceIdError
+from service.errors import BadImageError, MalformedPreferenceIdError, UnknownPreferenceIdError
 from service.imaging import declared_pixels
 from service.prefid import PreferenceIds
 from service.settings import Settings
@@ -142,3 +143,51 @@ def test_an_infer_request_is_read_on_the_loop_only_when_its_inputs_are_raw_pixel
     assert not raw_pixels_only({"inputs": [{"name": "image", "datatype": "BYTES"}]})
     assert not raw_pixels_only({"inputs": [{"datatype": "UINT8"}, {"datatype": "BYTES"}]})
     assert not raw_pixels_only({"inputs": "image"}) and not raw_pixels_only({})
+
+
+def _png_of(im: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "P-transparent"])
+def test_libspng_decodes_an_8_bit_png_to_pillows_rgb(mode):
+    rgb = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
+    if mode == "RGBA":
+        im = Image.fromarray(np.dstack([rgb, rgb[:, :, 0]]))
+    elif mode.startswith("P"):
+        im = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=200)
+    elif mode != "RGB":
+        im = im.convert(mode)
+    data = _png_of(im, **({"transparency": 3} if mode == "P-transparent" else {}))
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    fast = imaging._spng_rgb(data, pillow.shape[:2])
+    assert fast is not None  # libspng took it
+    np.testing.assert_array_equal(fast, pillow)
+    np.testing.assert_array_equal(imaging.decode_image(data, 10**6), pillow)
+
+
+def test_pngs_of_other_depths_and_broken_ones_go_to_pillow():
+    grey = np.random.default_rng(4).integers(0, 256, (20, 30), dtype=np.uint8)
+    four_bit = _png_of(Image.fromarray(grey).convert("P", colors=16), bits=4)
+    sixteen = _png_of(Image.fromarray(grey.astype(np.uint16) * 257))
+    for data in (four_bit, sixteen):
+        assert imaging._spng_rgb(data, (20, 30)) is None
+        assert imaging.decode_image(data, 10**6).shape == (20, 30, 3)
+    broken = _png_of(Image.fromarray(grey))[:-30]  # the IDAT cut short
+    assert imaging._spng_rgb(broken, (20, 30)) is None
+    with pytest.raises(BadImageError):
+        imaging.decode_image(broken, 10**6)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 6, 300])
+def test_the_class_map_is_argmax_over_classes_first_on_ties(classes):
+    rng = np.random.default_rng(classes)
+    logits = rng.standard_normal((classes, 17, 23)).astype(np.float32)
+    logits[:, :4, :4] = 0.5  # every class ties there: the first wins
+    labels = imaging.class_map(logits)
+    assert labels.dtype == (np.uint8 if classes <= 256 else np.uint16)
+    np.testing.assert_array_equal(labels, logits.argmax(axis=0))
+    assert (labels[:4, :4] == 0).all()

@@ -15,6 +15,13 @@ calibration split give a path table on other writers' digits than those the stre
 (docs/training.md, "The calibration split"). Pairs are drawn from
 ``np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))`` with stream 0 for
 train and 1 for test; the same ``(n, seed, split)`` always gives the same pairs.
+
+``warp=True`` renders each pair's two digits through their own random affine map (rotation
+within +-``WARP_DEGREES``, scale within 1 +- ``WARP_SCALE``, shear within +-``WARP_SHEAR``, about
+the digit's centre; bilinear), so the same source digit looks different in every pair: the
+classic augmentation of handwritten digits, made into the split itself (docs/training.md,
+"Warped digits"). Its draws come after the pairs' own, so a warped split has the same digits,
+labels and offsets as the plain one of the same ``(n, seed, split, sources)``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from .base import ArrayDataset, DatasetError, Sample
 CANVAS = 36
 N_TRAIN_SOURCES = 1400
 JITTER = 3
+WARP_DEGREES = 15.0
+WARP_SCALE = 0.15
+WARP_SHEAR = 0.2
 SPLITS: dict[str, str] = {"train": "train", "test": "test", "val": "test"}
 STREAMS: dict[str, int] = {"train": 0, "test": 1}
 DEFAULT_N: dict[str, int] = {"train": 10000, "test": 2000}
@@ -99,11 +109,13 @@ def make_pairs(
     split: str = "train",
     digit_size: int = 24,
     sources: Sequence[int] | None = None,
+    warp: bool = False,
 ) -> dict[str, np.ndarray]:
     """``n`` overlaid pairs: ``image`` (n, 36, 36) float32 in [0, 1]; ``left``/``right`` (n,)
     labels; ``left_index``/``right_index`` (n,) indices into ``load_digits``; ``offsets`` (n, 4)
     the (row, col) of the left digit's and the right digit's top-left corners. ``sources``:
-    ``(start, stop)``, the slice of the split's pool of source digits to draw from."""
+    ``(start, stop)``, the slice of the split's pool of source digits to draw from; ``warp``: a
+    random affine map per rendered digit (:func:`warp_digits`)."""
     if split not in SPLITS:
         raise DatasetError(f"multidigits has splits train and test (val = test), not {split!r}")
     if not 8 <= digit_size <= CANVAS - JITTER:
@@ -118,15 +130,16 @@ def make_pairs(
     jit = rng.integers(0, JITTER + 1, size=(n, 4))
     far = CANVAS - digit_size
     offsets = np.stack([jit[:, 0], jit[:, 1], far - jit[:, 2], far - jit[:, 3]], axis=1)
+    left, right = digits[li], digits[ri]
+    if warp:
+        left, right = warp_digits(left, rng), warp_digits(right, rng)
     images = np.zeros((n, CANVAS, CANVAS), np.float32)
     s = digit_size
     for k in range(n):
         r0, c0, r1, c1 = offsets[k]
-        images[k, r0 : r0 + s, c0 : c0 + s] = digits[li[k]]
+        images[k, r0 : r0 + s, c0 : c0 + s] = left[k]
         np.maximum(
-            images[k, r1 : r1 + s, c1 : c1 + s],
-            digits[ri[k]],
-            out=images[k, r1 : r1 + s, c1 : c1 + s],
+            images[k, r1 : r1 + s, c1 : c1 + s], right[k], out=images[k, r1 : r1 + s, c1 : c1 + s]
         )
     return {
         "image": images,
@@ -138,6 +151,33 @@ def make_pairs(
     }
 
 
+def warp_digits(
+    digits: np.ndarray,
+    rng: np.random.Generator,
+    bounds: tuple[float, float, float] = (WARP_DEGREES, WARP_SCALE, WARP_SHEAR),
+) -> np.ndarray:
+    """Each (S, S) digit of ``digits`` (n, S, S) through its own random affine map about its
+    centre: rotation (degrees), isotropic scale change and horizontal shear, each drawn
+    uniformly within +-``bounds``; bilinear, zero outside, clipped to [0, 1]."""
+    from scipy.ndimage import affine_transform
+
+    degrees, scale_change, shear_bound = bounds
+    n, size = len(digits), digits.shape[-1]
+    angle = np.deg2rad(rng.uniform(-degrees, degrees, n))
+    scale = rng.uniform(1.0 - scale_change, 1.0 + scale_change, n)
+    shear = rng.uniform(-shear_bound, shear_bound, n)
+    centre = np.full(2, (size - 1) / 2.0)
+    out = np.empty_like(digits)
+    for k in range(n):
+        cos, sin = np.cos(angle[k]), np.sin(angle[k])
+        rotation = np.array([[cos, -sin], [sin, cos]])
+        forward = scale[k] * rotation @ np.array([[1.0, 0.0], [shear[k], 1.0]])
+        inverse = np.linalg.inv(forward)  # affine_transform maps output coordinates to input
+        offset = centre - inverse @ centre
+        affine_transform(digits[k], inverse, offset, output=out[k], order=1, cval=0.0)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def build_multidigits(
     split: str,
     root: None = None,
@@ -146,10 +186,12 @@ def build_multidigits(
     seed: int = 0,
     digit_size: int = 24,
     sources: Sequence[int] | None = None,
+    warp: bool = False,
     transform: Callable[[Sample], Sample] | None = None,
 ) -> ArrayDataset:
     """The ``multidigits`` split: ``n`` pairs (default 10,000 train, 2,000 test) of ``seed``,
-    drawn from the slice ``sources`` of the split's source digits (default: all of them)."""
+    drawn from the slice ``sources`` of the split's source digits (default: all of them),
+    each digit warped at random when ``warp`` is set."""
     if root is not None:
         raise DatasetError("multidigits is generated from scikit-learn's digits; it takes no root")
     if split not in SPLITS:
@@ -157,7 +199,9 @@ def build_multidigits(
     n = DEFAULT_N[SPLITS[split]] if n is None else int(n)
     if n < 1:
         raise DatasetError(f"multidigits: n must be >= 1, got {n}")
-    pairs = make_pairs(n, seed, split, digit_size, sources)
+    if not isinstance(warp, bool):
+        raise DatasetError(f"multidigits: warp must be true or false, got {warp!r}")
+    pairs = make_pairs(n, seed, split, digit_size, sources, warp)
     return ArrayDataset(
         multidigits_tasks(),
         pairs["image"],
