@@ -89,6 +89,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
         )
     if min(w, h) < min_side:
         raise BadImageError(f"the image is {w}x{h}; both sides must be at least {min_side} pixels")
+    fast = _spng_rgb(data, (h, w))  # before Pillow's load: one decoder decodes, not two
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -98,8 +101,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
                 top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
                 arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 return np.repeat(arr[:, :, None], 3, axis=2)
-            fast = _spng_rgb(data, (h, w))
-            return fast if fast is not None else np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise BadImageError(f"cannot decode the {img.format} image: {exc}") from exc
 
@@ -151,17 +153,20 @@ def class_map(logits: np.ndarray) -> np.ndarray:
     """(C, H, W) logits -> (H, W) index of the largest, first on ties (``argmax(axis=0)``), as
     uint8 up to 256 classes, else uint16.
 
-    One pass per class over contiguous planes: numpy's ``argmax(axis=0)`` walks the class axis
-    with a stride of H*W and takes 1.3x (6 classes) to 2.3x (40) as long at 288x384.
+    One pass per class over contiguous planes, all in vectorized ufuncs: numpy's
+    ``argmax(axis=0)`` walks the class axis with a stride of H*W, and at 288x384 with 6 classes
+    takes ~15x as long.
     """
     n = logits.shape[0]
     labels = np.zeros(logits.shape[1:], np.uint8 if n <= 256 else np.uint16)
     best = logits[0].copy()
-    won = np.empty(logits.shape[1:], bool)
+    leads = np.empty(logits.shape[1:], bool)
+    step = np.empty_like(labels)
     for k in range(1, n):
-        np.greater(logits[k], best, out=won)  # strictly: a tie keeps the earlier class
+        np.greater(logits[k], best, out=leads)  # strictly: a tie keeps the earlier class
         np.maximum(best, logits[k], out=best)
-        np.copyto(labels, k, where=won)
+        np.multiply(leads, labels.dtype.type(k), out=step)  # k where class k now leads, else 0
+        np.maximum(labels, step, out=labels)  # k is above every earlier label
     return labels
 
 

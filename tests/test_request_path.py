@@ -191,3 +191,23 @@ def test_the_class_map_is_argmax_over_classes_first_on_ties(classes):
     assert labels.dtype == (np.uint8 if classes <= 256 else np.uint16)
     np.testing.assert_array_equal(labels, logits.argmax(axis=0))
     assert (labels[:4, :4] == 0).all()
+
+
+def test_an_8_bit_png_is_decoded_once_by_libspng_and_not_by_pillow(monkeypatch):
+    from PIL import ImageFile
+
+    data = _png_of(Image.fromarray(np.full((30, 40, 3), 200, np.uint8)))
+    loads: list[str] = []
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        loads.append(self.format)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)  # PNG's and JPEG's
+    assert (imaging.decode_image(data, 10**6) == 200).all()
+    assert loads == []  # Pillow read only the header
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(jpeg, format="JPEG")
+    imaging.decode_image(jpeg.getvalue(), 10**6)
+    assert loads and set(loads) == {"JPEG"}  # a JPEG is Pillow's to decode
