@@ -5,6 +5,7 @@ batcher hands out results and errors, and the cache of decoded preference ids
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -211,3 +212,25 @@ def test_an_8_bit_png_is_decoded_once_by_libspng_and_not_by_pillow(monkeypatch):
     Image.new("RGB", (40, 30), (10, 20, 30)).save(jpeg, format="JPEG")
     imaging.decode_image(jpeg.getvalue(), 10**6)
     assert loads and set(loads) == {"JPEG"}  # a JPEG is Pillow's to decode
+
+
+def test_the_json_png_reply_is_the_encoders_json_byte_for_byte():
+    import json
+
+    from service.routers.predict import json_bytes, prediction_json
+
+    rng = np.random.default_rng(5)
+    pngs = [base64.b64encode(rng.bytes(n)).decode() for n in (3, 3000, 30_000)]
+    outputs = {
+        "segmentation": {"kind": "segmentation", "shape": [4, 5], "png": pngs[0]},
+        'dé"pth\\': {"kind": "depth", "scale": 0.5, "offset": -1.0, "png": pngs[1]},
+        "normals": {"kind": "normals", "png": pngs[2], "note": '"png": "x"'},
+        "label": {"kind": "classification", "label": 3, "probabilities": [0.25, 0.75]},
+    }
+    metrics = {"flops": 12, "tasks": list(outputs), "c": 0.5, "device": "cpu"}
+    expected = json_bytes({"outputs": outputs, "metrics": metrics})
+    assert prediction_json(outputs, metrics) == expected
+    assert json.loads(expected)["outputs"]["normals"]["png"] == pngs[2]
+    # a "png" that is not ASCII text goes through the encoder (escaped), not spliced raw
+    odd = {"x": {"png": "é"}}
+    assert prediction_json(odd, {}) == json_bytes({"outputs": odd, "metrics": {}})

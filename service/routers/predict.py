@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -156,16 +157,40 @@ async def _respond(
     cost, *pngs = await asyncio.gather(*jobs)
     svc.metrics.flops.inc(cost.flops)
     metrics = _metrics(lm, s, cost, t0)
-    body = Prediction(outputs=dict(zip(names, pngs)), metrics=metrics)
-    # Serialized on an I/O thread, ASCII-only: the base64 PNGs are ~0.5 MB at 288x384, and
+    body = Prediction(outputs=dict(zip(names, pngs)), metrics=metrics).model_dump()
+    # Serialized on an I/O thread, ASCII-only: the base64 PNGs are ~0.4 MB at 288x384, and
     # JSONResponse's ensure_ascii=False encoder takes 3-4x longer, on the event loop.
-    payload = await io(json_bytes, body.model_dump())
+    payload = await io(prediction_json, body["outputs"], body["metrics"])
     return Response(payload, media_type="application/json", headers=_headers(metrics, s))
 
 
 def json_bytes(content: Any) -> bytes:
     """``content`` as compact JSON (what JSONResponse sends; non-ASCII text as escapes)."""
     return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def prediction_json(outputs: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> bytes:
+    """``json_bytes({"outputs": outputs, "metrics": metrics})``, byte for byte, faster.
+
+    Each task's base64 ``png`` is spliced in after the encoder has run on the rest: base64 needs
+    no escaping, and the encoder's scan of the ~0.4 MB of it took 0.8 ms at 288x384.
+    """
+    token = secrets.token_hex(8)  # stands in for a PNG; no other string of the reply has it
+    blobs: list[str] = []
+    shallow: dict[str, dict[str, Any]] = {}
+    for task, record in outputs.items():
+        png = record.get("png")
+        if isinstance(png, str) and png.isascii():
+            shallow[task] = {**record, "png": f"{token}{len(blobs)}"}
+            blobs.append(png)
+        else:
+            shallow[task] = record
+    rest = json_bytes({"outputs": shallow, "metrics": metrics})
+    pieces: list[bytes] = []
+    for i, png in enumerate(blobs):  # json.dumps keeps the dicts' order: markers come in turn
+        before, _, rest = rest.partition(f'"{token}{i}"'.encode())
+        pieces += [before, b'"', png.encode("ascii"), b'"']
+    return b"".join([*pieces, rest])
 
 
 def _npz_reply(svc: Service, lm: LoadedModel, s: Served, t0: float) -> tuple[RequestMetrics, bytes]:
