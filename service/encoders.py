@@ -6,8 +6,9 @@ level 1. A class map (8-bit grey) uses zlib's run-length strategy (``Z_RLE``): i
 are long runs of zeros. Depth and normals use Huffman coding alone (``Z_HUFFMAN_ONLY``): their
 filtered rows are small, varied differences with few runs, which it packs to the same size as
 ``Z_RLE`` in less time (the shipped model's 288x384 normals: 126.8 against 127.1 KB, 1.21
-against 1.65 ms; depth: 173.5 against 172.9 KB, 0.88 against 0.93 ms). On the shipped model's 288x384 outputs this is 3-6x faster than Pillow's
-``compress_level=1`` at about the same size (docs/benchmarks.md, "Issue 15, item 2"). Any PNG
+against 1.65 ms; depth: 173.5 against 172.9 KB, 0.88 against 0.93 ms). On the shipped
+model's 288x384 outputs this is 3-6x faster than Pillow's ``compress_level=1`` at about the
+same size (docs/benchmarks.md, "Issue 15, item 2"). Any PNG
 reader decodes it: it is a standard PNG (IHDR, one IDAT, IEND). Deflate and CRC-32 come from
 zlib-ng (the ``zlib-ng`` package, the stdlib zlib's API): at level 1 it deflates ~1.8x faster
 and its CRC-32 is vectorized (docs/benchmarks.md, "Issue 15, item 2").
