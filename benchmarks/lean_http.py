@@ -96,6 +96,17 @@ def server_times(headers: dict[str, str], body: bytes) -> tuple[float, float, in
     return float(p["model_ms"]), float(p["total_ms"]), int(p.get("batch_size", p["images"]))
 
 
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """A reply's status and headers (names lower-cased) from its status line and header lines."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), headers
+
+
 class Sync:
     """One keep-alive connection for sequential timed requests, over a raw socket: the request
     line and headers go out with the pre-encoded body in one ``sendmsg`` (no copy of the body),
@@ -128,11 +139,7 @@ class Sync:
             if not chunk:
                 raise ConnectionError("the server closed the connection")
             buf += chunk
-        status_line, *lines = buf[:end].decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
+        status, headers = parse_head(buf[:end])
         n = int(headers.get("content-length", "0"))
         body = bytearray(n)
         have = buf[end + 4 : end + 4 + n]
@@ -144,7 +151,7 @@ class Sync:
                 raise ConnectionError("the server closed the connection mid-reply")
             got += k
         self._pending = buf[end + 4 + n :]
-        return int(status_line.split()[1]), headers, body  # a bytearray: no copy
+        return status, headers, body  # a bytearray: no copy
 
     def close(self) -> None:
         self.sock.close()
@@ -154,16 +161,10 @@ async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
 ) -> tuple[dict[str, str], bytes]:
     writer.write(raw)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers[k.strip().lower()] = v.strip()
+    status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
     body = await reader.readexactly(int(headers.get("content-length", "0")))
-    if status_line.split()[1] != "200":
-        raise RuntimeError(f"{status_line}: {body[:300]!r}")
+    if status != 200:
+        raise RuntimeError(f"{status}: {body[:300]!r}")
     return headers, body
 
 

@@ -183,7 +183,7 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [
         [
             r["model"], r["degrade"], r["served_in_time"], fmt(r["served_per_s"], 1),
-            r["http_503"], _ms(r.get("p50_503_ms")), _ms(r.get("probe_p50_503_ms")),
+            r["http_503"], fmt(r.get("p50_503_ms"), 1), fmt(r.get("probe_p50_503_ms"), 1),
             r["http_5xx"], fmt(r["p95_ms"], 1),
             fmt(r["mean_gflops"], 4) if r["mean_gflops"] is not None else "",
             r["degraded"],
@@ -197,10 +197,6 @@ def markdown(result: dict[str, Any]) -> str:
     cols = ["model", "degrade", "served in time", "per s", "503", "503 p50 ms",
             "503 p50 ms, lean probe", "5xx", "p95 ms", "mean GFLOPs", "degraded"]  # fmt: skip
     return head + "\n" + table(cols, rows) + f"\nServed in time: {gains}\n"
-
-
-def _ms(v: float | None) -> str:
-    return "" if v is None else fmt(v, 1)
 
 
 register_case("overload", 5, "Server under overload: degrade vs refuse", markdown)(run)

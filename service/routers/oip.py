@@ -176,15 +176,15 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
         # one hop to an I/O thread reads the request and its images, one encodes the reply
         # (none for small images: Service.io; encoded images may decode large, so they hop)
         size = len(raw) if raw_pixels_only(header) else None
-        read = await svc.io(read_infer, lm, header, binary, max_pixels, data_bytes=size)
-        req, xs = read
+        req, xs = await svc.io(read_infer, lm, header, binary, max_pixels, data_bytes=size)
         subset, wanted = outputs_of(lm, req)
         pref, key = lm.ids.select(req.preference_id, req.r, req.c)
         ran = await run_images(svc, lm, key, pref, subset, xs)
         hw = (int(xs[0].shape[-2]), int(xs[0].shape[-1]))
         at, rgb_bytes = (subset, hw), len(xs) * hw[0] * hw[1] * 3
-        reply = await svc.io(reply_of, svc, lm, req, ran, at, wanted, t0, data_bytes=rgb_bytes)
-        body, json_size = reply
+        body, json_size = await svc.io(
+            reply_of, svc, lm, req, ran, at, wanted, t0, data_bytes=rgb_bytes
+        )
     if json_size is None:
         return Response(body, media_type="application/json")
     return Response(
