@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dymu.config import BackboneConfig, HypernetConfig
 from dymu.errors import ConfigError, validation_message
@@ -174,6 +174,36 @@ class EdgeStage(HypernetStage):
 
 class WeightStage(HypernetStage):
     """Stage 2: the weight hypernet (BN deltas); anchor and edge hypernet frozen."""
+
+    preferences: int = Field(
+        default=1,
+        ge=1,
+        description="preferences per optimizer step: the batch splits into this many groups, "
+        "each with its own (r, c), arg-max tree and BN deltas, so the hypernet sees more "
+        "preferences for the same images (docs/training.md, 'Preferences per weight step')",
+    )
+    dense_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of each step's preferences drawn with r ~ Dir(1) (the simplex's "
+        "dense centre, where evaluation draws) instead of Dir(eta)",
+    )
+    images: Literal["training", "calibration"] = Field(
+        default="training",
+        description="the split stage 2 trains on: the training split (the paper), or the "
+        "calibration split, images the streams never trained on (needs [data] "
+        "calibration_options; docs/training.md, 'The weight stage on the calibration split')",
+    )
+
+    @model_validator(mode="after")
+    def _groups_have_images(self) -> WeightStage:
+        if self.preferences > self.batch_size:
+            raise ValueError(
+                f"[weight] preferences ({self.preferences}) exceeds batch_size "
+                f"({self.batch_size}): every preference needs at least one image"
+            )
+        return self
 
 
 class BaselinesConfig(_Strict):

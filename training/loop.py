@@ -52,6 +52,7 @@ def train_stage(
     find_unused: bool = False,
     stream: str | None = None,
     after_step: Callable[[int], None] | None = None,
+    calibration: bool = False,
 ) -> None:
     """The one training loop of every stage: Adam on ``module``, progress bar, log, checkpoints.
 
@@ -61,7 +62,7 @@ def train_stage(
     ``stream`` names the random stream of the batch indices when it is not ``stage`` (the
     baselines: one stream for every method, so that they all see the same batches).
     ``after_step(step)`` runs after each step, before its checkpoint (stage 0's stream
-    selection, training/selection.py).
+    selection, training/selection.py). ``calibration``: batches from the calibration split.
     """
     from tqdm import tqdm  # tqdm is a training extra: importing training must not need it
 
@@ -80,7 +81,7 @@ def train_stage(
         unit="step",
     )
     for step, batch in enumerate(
-        run.batches(stream or stage, start, steps, cfg.batch_size), start=start
+        run.batches(stream or stage, start, steps, cfg.batch_size, calibration), start=start
     ):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)

@@ -145,8 +145,15 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
             "[anchor] select_every measures the streams on the calibration split: "
             "set [data] calibration_options (docs/training.md, 'Stream selection')"
         )
+    adapting = config.weight.images == "calibration" and "weight" in stages
+    if adapting and config.data.calibration_options is None:
+        raise ConfigError(
+            "[weight] images = 'calibration' trains stage 2 on the calibration split: set "
+            "[data] calibration_options (docs/training.md, 'The weight stage on the "
+            "calibration split')"
+        )
     calibration = None
-    if config.data.calibration_options is not None and ("edge" in stages or selecting):
+    if config.data.calibration_options is not None and ("edge" in stages or selecting or adapting):
         calibration = split_dataset(config, calibration=True)
     run = Run(
         config, model, dataset, dev, run_dir, request.progress,

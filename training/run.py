@@ -22,6 +22,7 @@ import torch
 
 import dymu
 from dymu.config import TaskSpec
+from dymu.errors import ConfigError
 
 from .config import TrainConfig
 from .data import collate
@@ -130,14 +131,21 @@ class Run:
             batch_ = collate([data[i] for i in idx[start : start + chunk]])
             yield {key: v.to(self.device) for key, v in batch_.items()}
 
-    def batches(self, stage: str, start: int, steps: int, batch: int) -> Iterator[dict]:
+    def batches(
+        self, stage: str, start: int, steps: int, batch: int, calibration: bool = False
+    ) -> Iterator[dict]:
+        """The batches of steps ``start`` .. ``steps - 1`` of ``stage``, from the training split
+        or (``calibration``) the calibration split."""
+        data = self.train_set
+        if calibration:
+            if self.calibration_set is None:
+                raise ConfigError(f"stage {stage} asks for the calibration split: there is none")
+            data = self.calibration_set
         self.dist.check_batch(stage, batch)
-        sampler = StepBatches(
-            self.config.seed, stage, start, steps, len(self.train_set), batch, self.dist
-        )
+        sampler = StepBatches(self.config.seed, stage, start, steps, len(data), batch, self.dist)
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
-            self.train_set,
+            data,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=self.config.data.workers if cuda else 0,

@@ -8,6 +8,7 @@ step is :func:`edge_loss`, which the benchmark's training-step case times as it 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -262,14 +263,19 @@ def edge_preferences(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A step's ``preferences`` (r, c) pairs of the table estimators: r ~ Dir(1) for the
     ``dense_fraction`` share, Dir(eta) for the rest, c ~ U(0, 1); drawn from ``gen`` in order."""
-    dense = round(cfg.dense_fraction * cfg.preferences)
-    prefs = [
-        sample_preference(n, DENSE_ETA if k < dense else cfg.eta, gen)
-        for k in range(cfg.preferences)
-    ]
+    prefs = step_preferences(n, cfg.preferences, cfg.dense_fraction, cfg.eta, gen)
     r = torch.stack([p[0] for p in prefs]).to(device)
     c = torch.stack([p[1] for p in prefs]).to(device)
     return r, c
+
+
+def step_preferences(
+    n: int, count: int, dense_fraction: float, eta: float, gen: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A step's ``count`` training preferences (r, c): r ~ Dir(1) for the first
+    ``dense_fraction`` share, Dir(eta) for the rest, c ~ U(0, 1); drawn from ``gen`` in order."""
+    dense = round(dense_fraction * count)
+    return [sample_preference(n, DENSE_ETA if k < dense else eta, gen) for k in range(count)]
 
 
 def edge_paths_loss(
@@ -355,25 +361,59 @@ def stage_edge_trees(run: Run, start: int, opt_state: Any = None) -> None:
 
 def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 2: weight hypernet on the arg-max trees inference will use; loss = sum r_i w_i L_i."""
-    cfg, model = run.config.weight, run.model
-    freeze(model.anchor)
-    freeze(model.edge_hypernet)
-    hyper = model.weight_hypernet
-    n = model.n_tasks
+    freeze(run.model.anchor)
+    freeze(run.model.edge_hypernet)
 
     def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        gen = step_generator(run.config.seed, "weight-pref", step)
-        r, c = (t.to(run.device) for t in sample_preference(n, cfg.eta, gen))
+        return weight_loss(run, net, step, batch)
+
+    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
+    cfg = run.config.weight
+    hyper = run.model.weight_hypernet
+    train_stage(
+        run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at,
+        find_unused=True, calibration=cfg.images == "calibration",
+    )  # fmt: skip
+
+
+def weight_loss(
+    run: Run, net: nn.Module, step: int, batch: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step of stage 2: the mean over the step's ``[weight] preferences`` (r, c) of
+    sum_i r_i w_i L_i, each on its own group of the batch, its arg-max tree and the BN deltas
+    ``net`` predicts for it (App. G; docs/training.md, "Preferences per weight step")."""
+    cfg, model = run.config.weight, run.model
+    gen = step_generator(run.config.seed, "weight-pref", step)
+    prefs = step_preferences(model.n_tasks, cfg.preferences, cfg.dense_fraction, cfg.eta, gen)
+    totals, per_task = [], {}
+    for (r, c), group in zip(prefs, batch_groups(batch, len(prefs)), strict=True):
+        r, c = r.to(run.device), c.to(run.device)
         with torch.no_grad():
             arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
         deltas = net(r, c, arch.node_list())
         with run.autocast():
-            out = model.anchor.forward_tree(batch["image"], arch, deltas)
-        total, per_task = weighted_task_loss(run.tasks, out, batch, r)
-        return total, task_stats(per_task)
+            out = model.anchor.forward_tree(group["image"], arch, deltas)
+        total, losses = weighted_task_loss(run.tasks, out, group, r)
+        totals.append(total)
+        for name, value in losses.items():
+            per_task.setdefault(name, []).append(value)
+    # Groups weigh alike, not by image count: each is one sample of E_(r,c)[sum_i r_i w_i L_i].
+    stats = {name: torch.stack(v).mean() for name, v in per_task.items()}
+    return torch.stack(totals).mean(), task_stats(stats)
 
-    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
-    train_stage(run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at, find_unused=True)
+
+def batch_groups(batch: dict, count: int) -> list[dict]:
+    """``batch`` split along its first dimension into ``count`` nearly equal groups (the weight
+    stage's one group per preference); tensors are split, any other entry is shared."""
+    size = len(batch["image"])
+    bounds = torch.linspace(0, size, count + 1).round().long().tolist()
+    return [
+        {
+            k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and len(v) == size else v
+            for k, v in batch.items()
+        }
+        for lo, hi in itertools.pairwise(bounds)
+    ]
 
 
 #: The stages that train (stage 0b computes the affinity instead: :func:`stage_affinity`).
