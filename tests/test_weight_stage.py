@@ -121,3 +121,10 @@ def test_the_weight_stage_trains_on_the_calibration_split_when_asked(tmp_path):
 def test_the_weight_stage_on_a_calibration_split_the_config_lacks_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="calibration_options"):
         _calibrated(tmp_path, "calibration", calibration=None)
+
+
+def test_a_process_batch_smaller_than_the_preferences_is_a_config_error(tmp_path):
+    run = _weight_run(tmp_path, preferences=4, batch_size=4)
+    data = build_dataset("scenes", "train", n=2, seed=11, size=tuple(run.config.input_size))
+    with pytest.raises(ConfigError, match=r"preferences \(4\) exceeds the 2 images"):
+        weight_loss(run, run.model.weight_hypernet, 0, collate([data[0], data[1]]))

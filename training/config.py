@@ -180,7 +180,8 @@ class WeightStage(HypernetStage):
         ge=1,
         description="preferences per optimizer step: the batch splits into this many groups, "
         "each with its own (r, c), arg-max tree and BN deltas, so the hypernet sees more "
-        "preferences for the same images (docs/training.md, 'Preferences per weight step')",
+        "preferences for the same images (docs/training.md, 'The weight stage's images and "
+        "preferences')",
     )
     dense_fraction: float = Field(
         default=0.0,
@@ -193,7 +194,7 @@ class WeightStage(HypernetStage):
         default="training",
         description="the split stage 2 trains on: the training split (the paper), or the "
         "calibration split, images the streams never trained on (needs [data] "
-        "calibration_options; docs/training.md, 'The weight stage on the calibration split')",
+        "calibration_options; docs/training.md, 'The weight stage's images and preferences')",
     )
 
     @model_validator(mode="after")

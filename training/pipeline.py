@@ -149,8 +149,8 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
     if adapting and config.data.calibration_options is None:
         raise ConfigError(
             "[weight] images = 'calibration' trains stage 2 on the calibration split: set "
-            "[data] calibration_options (docs/training.md, 'The weight stage on the "
-            "calibration split')"
+            "[data] calibration_options (docs/training.md, \"The weight stage's images and "
+            'preferences")'
         )
     calibration = None
     if config.data.calibration_options is not None and ("edge" in stages or selecting or adapting):

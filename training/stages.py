@@ -20,6 +20,7 @@ from torch import nn
 from dymu.anchor import AnchorNet
 from dymu.architecture import Architecture
 from dymu.config import TaskSpec
+from dymu.errors import ConfigError
 from dymu.preference import sample_preference
 
 from .branching import (
@@ -261,8 +262,8 @@ def branched_init_(hyper: nn.Module, bias: float) -> None:
 def edge_preferences(
     cfg: EdgeStage, n: int, gen: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A step's ``preferences`` (r, c) pairs of the table estimators: r ~ Dir(1) for the
-    ``dense_fraction`` share, Dir(eta) for the rest, c ~ U(0, 1); drawn from ``gen`` in order."""
+    """A step's ``preferences`` (r, c) pairs of the table estimators (:func:`step_preferences`),
+    stacked on ``device``."""
     prefs = step_preferences(n, cfg.preferences, cfg.dense_fraction, cfg.eta, gen)
     r = torch.stack([p[0] for p in prefs]).to(device)
     c = torch.stack([p[1] for p in prefs]).to(device)
@@ -367,9 +368,9 @@ def stage_weight(run: Run, start: int, opt_state: Any = None) -> None:
     def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return weight_loss(run, net, step, batch)
 
-    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
     cfg = run.config.weight
     hyper = run.model.weight_hypernet
+    # Only the used nodes' heads get gradients in a step: DDP must look for unused parameters.
     train_stage(
         run, "weight", hyper, cfg, start, opt_state, loss_fn, cfg.lr_at,
         find_unused=True, calibration=cfg.images == "calibration",
@@ -381,10 +382,16 @@ def weight_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One step of stage 2: the mean over the step's ``[weight] preferences`` (r, c) of
     sum_i r_i w_i L_i, each on its own group of the batch, its arg-max tree and the BN deltas
-    ``net`` predicts for it (App. G; docs/training.md, "Preferences per weight step")."""
+    ``net`` predicts for it (App. G; docs/training.md, "The weight stage's images and
+    preferences")."""
     cfg, model = run.config.weight, run.model
     gen = step_generator(run.config.seed, "weight-pref", step)
     prefs = step_preferences(model.n_tasks, cfg.preferences, cfg.dense_fraction, cfg.eta, gen)
+    if len(batch["image"]) < len(prefs):  # a process's shard under --nproc
+        raise ConfigError(
+            f"[weight] preferences ({len(prefs)}) exceeds the {len(batch['image'])} images of "
+            "this process's batch (batch_size / --nproc): every preference needs an image"
+        )
     totals, per_task = [], {}
     for (r, c), group in zip(prefs, batch_groups(batch, len(prefs)), strict=True):
         r, c = r.to(run.device), c.to(run.device)
