@@ -94,6 +94,14 @@ class HypernetStage(_Strict):
     lr_decay: float = Field(default=0.3, gt=0, le=1)
     lr_decay_every: int | None = Field(default=None, ge=1, description="default: 14k/30k of steps")
     eta: float = Field(default=0.2, gt=0, description="Dirichlet concentration of r")
+    dense_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of each step's preferences drawn with r ~ Dir(1) (the dense centre "
+        "of the simplex, where c acts and evaluation draws) instead of Dir(eta); the edge stage "
+        "uses it with the paths and trees estimators",
+    )
 
     def decay_every(self) -> int:
         return self.lr_decay_every or max(1, round(self.steps * 14_000 / PAPER_STEPS))
@@ -144,13 +152,6 @@ class EdgeStage(HypernetStage):
     preferences: int = Field(
         default=32, ge=1, description="paths and trees estimators: preferences per optimizer step"
     )
-    dense_fraction: float = Field(
-        default=0.0,
-        ge=0,
-        le=1,
-        description="paths and trees estimators: share of each step's preferences drawn with "
-        "r ~ Dir(1) (the dense centre of the simplex, where c acts) instead of Dir(eta)",
-    )
     branched_init: float = Field(
         default=0.0,
         ge=0,
@@ -182,13 +183,6 @@ class WeightStage(HypernetStage):
         "each with its own (r, c), arg-max tree and BN deltas, so the hypernet sees more "
         "preferences for the same images (docs/training.md, 'The weight stage's images and "
         "preferences')",
-    )
-    dense_fraction: float = Field(
-        default=0.0,
-        ge=0,
-        le=1,
-        description="share of each step's preferences drawn with r ~ Dir(1) (the simplex's "
-        "dense centre, where evaluation draws) instead of Dir(eta)",
     )
     images: Literal["training", "calibration"] = Field(
         default="training",
