@@ -164,3 +164,80 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
         + ", or a path to a TOML file.",
     )
     add_train_arguments(p)
+
+
+def _c_values(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every c must be in [0, 1], got {text!r}")
+    return values
+
+
+def _points(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a line needs at least 2 points, got {value}")
+    return value
+
+
+def _tree_map(args: argparse.Namespace) -> int:
+    import json
+
+    from dymu.device import resolve_device
+
+    from .treemap import MapOptions, markdown, tree_map_of, with_edge
+
+    config = with_edge(
+        load_config(args.config),
+        tau=args.tau,
+        lambda_active=args.lambda_active,
+        lambda_inactive=args.lambda_inactive,
+    )
+    options = MapOptions(c_values=args.c, points=args.points, preferences=args.preferences)
+    device = resolve_device(args.device)
+    result = tree_map_of(config, args.artifact, device, options, table_cache=args.table)
+    print(markdown(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_tree_map_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tree-map",
+        help="the tree the edge stage aims for at each (r, c), from a model's streams",
+        description="The edge objective's best hard tree for each preference (the map the "
+        "tree-table estimator fits), computed on ARTIFACT's streams with CONFIG's path table "
+        "and [edge] settings: the mean cost per c over Dir(1) preferences, each task's marginal "
+        "line, and whether each task's loss falls as its preference rises. Seconds, where an "
+        "edge stage takes minutes (docs/training.md, 'The tree map').",
+    )
+    p.add_argument("config", help="config name (training/configs/NAME.toml) or path")
+    p.add_argument("artifact", type=Path, help="the model whose streams are mapped")
+    for flag, what in (
+        ("--tau", "the dichotomy's threshold (default: the config's, else 0.6 / N)"),
+        ("--lambda-active", "lambda_A (default: the config's)"),
+        ("--lambda-inactive", "lambda_I (default: the config's)"),
+    ):
+        p.add_argument(flag, type=float, default=None, help=what)
+    p.add_argument("--c", type=_c_values, default=(0.0, 0.5, 1.0), help="default 0,0.5,1")
+    p.add_argument("--points", type=_points, default=11, help="points per marginal line")
+    p.add_argument(
+        "--preferences", type=_positive, default=300, help="Dir(1) preferences per mean cost"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the map as JSON")
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the path table from FILE (safetensors) when it holds this artifact's and "
+        "config's table, else compute it and write it there: the table is most of the time",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.set_defaults(func=_tree_map)

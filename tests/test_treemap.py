@@ -1,0 +1,161 @@
+"""`dymu tree-map` (training/treemap.py): the edge objective's best tree per preference, read
+off a path table, with the dichotomy's step at tau (docs/training.md, "The tree map")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import dymu
+import training
+from dymu.cli import main
+from training.branching import RegularizerSwitches
+from training.config import load_config
+from training.treemap import MapOptions, map_trees, with_edge
+from training.trees import TreeTable
+
+from .conftest import prepared_run
+
+
+def _two_task_table(tau: float) -> TreeTable:
+    """N = 2, L = 3: each task's own path (j, j) costs 1; any other path costs task 0 3.0 and
+    task 1 2.0 (columns: path (a_0, a_1) at a_0 * 2 + a_1)."""
+    table = torch.tensor([[1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 2.0, 1.0]])
+    return TreeTable.build(table, 3, torch.ones(2, 2), tau, RegularizerSwitches())
+
+
+def _nodes_fraction(table: TreeTable):
+    """A tree's cost as its share of the anchor's 6 nodes: distinct layer-0 parents, used
+    layer-1 children and the 2 top nodes."""
+
+    def fraction(k: int) -> float:
+        parents, used = table.parents[k], table.used[k]
+        layer0 = len(set(parents[0][used[0]].tolist()))
+        return (layer0 + int(used.sum())) / 6
+
+    return fraction
+
+
+def _map(tau: float, lambdas: tuple[float, float]) -> dict:
+    table = _two_task_table(tau)
+    options = MapOptions(c_values=(0.0, 1.0), points=11, preferences=200)
+    return map_trees(table, ["a", "b"], _nodes_fraction(table), lambdas, options)
+
+
+def test_without_the_regularizer_every_preference_gets_the_anchor():
+    result = _map(0.3, (0.0, 0.0))
+    for by_c in result["by_c"].values():
+        assert by_c["mean_fraction"] == pytest.approx(1.0)
+        inner = [p for pts in by_c["lines"].values() for p in pts if 0 < p["r_i"] < 1]
+        assert all(p["losses"] == {"a": 1.0, "b": 1.0} for p in inner)
+    assert result["last_over_first"] == pytest.approx(1.0)
+
+
+def test_the_dichotomy_step_at_tau_makes_a_task_lose_as_its_weight_rises():
+    # tau = 0.3: below it task b is inactive, c cannot act and lambda_I is too weak to merge
+    # it, so b keeps its own path (loss 1); at r_b = 0.3 c * lambda_A L_active switches on and
+    # b is merged into a's path (loss 2): b's loss rises with its weight
+    cliff = _map(0.3, (10.0, 0.01))
+    line_b = [p["losses"]["b"] for p in cliff["by_c"]["1.0"]["lines"]["b"]]
+    assert line_b[1:4] == [1.0, 1.0, 2.0]
+    assert cliff["by_c"]["1.0"]["monotone"]["b"] is False
+    assert cliff["by_c"]["0.0"]["monotone"] == {"a": True, "b": True}
+    # a low tau moves the step to the corner: b is merged below some weight and keeps its own
+    # path above it, so its loss only falls as r_b rises; c = 1 shares, c = 0 does not
+    low = _map(0.05, (10.0, 0.01))
+    assert low["by_c"]["1.0"]["monotone"] == {"a": True, "b": True}
+    line_b = [p["losses"]["b"] for p in low["by_c"]["1.0"]["lines"]["b"]]
+    assert line_b[1] == 2.0 and line_b[-1] == 1.0
+    assert low["by_c"]["1.0"]["mean_fraction"] < low["by_c"]["0.0"]["mean_fraction"]
+    assert low["last_over_first"] < 1.0
+
+
+def test_with_edge_validates_the_overrides():
+    config = load_config("scenes-tiny")
+    assert with_edge(config, tau=0.1, lambda_active=None).edge.tau == 0.1
+    assert with_edge(config, tau=0.1).edge.lambda_active == config.edge.lambda_active
+    with pytest.raises(dymu.ConfigError, match="tau"):
+        with_edge(config, tau=-1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """A scenes-tiny model (untrained streams) in a store, and scenes-tiny's config with a path
+    table of 4 images as a TOML file."""
+    tmp = tmp_path_factory.mktemp("treemap")
+    source = (Path(training.__file__).parent / "configs" / "scenes-tiny.toml").read_text()
+    edge = '[edge]\nestimator = "trees"\npath_images = 4\n'
+    path = tmp / "tiny.toml"
+    path.write_text(source.replace("[edge]\n", edge))
+    run = prepared_run(tmp, load_config(path), ("edge",))
+    return dymu.save(run.model, tmp / "store"), path
+
+
+def test_the_cli_prints_the_map_and_writes_it_as_json(tiny_artifact, tmp_path, capsys):
+    vdir, config = tiny_artifact
+    out = tmp_path / "map.json"
+    args = ["tree-map", str(config), str(vdir), "--points", "5", "--preferences", "50"]
+    # no regularizer: c changes nothing
+    assert main([*args, "--lambda-active", "0", "--lambda-inactive", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 0.0 |" in text and "| 1.0 |" in text and f"wrote {out}" in text
+    flat = json.loads(out.read_text())
+    assert flat["lambda_active"] == 0.0 and flat["tau"] == pytest.approx(0.2)
+    assert set(flat["by_c"]) == {"0.0", "0.5", "1.0"}
+    assert all(len(pts) == 5 for pts in flat["by_c"]["0.0"]["lines"].values())
+    assert flat["by_c"]["0.0"] == flat["by_c"]["1.0"]
+    # a strong lambda_A shares more at c = 1 than at c = 0
+    strong_args = ["--lambda-active", "1e6", "--lambda-inactive", "0", "--json", str(out)]
+    assert main([*args, *strong_args]) == 0
+    strong = json.loads(out.read_text())["by_c"]
+    assert strong["1.0"]["mean_fraction"] < strong["0.0"]["mean_fraction"]
+    assert 0 < strong["1.0"]["mean_fraction"] < 1
+
+
+def test_the_cli_rejects_bad_input_with_one_line(tiny_artifact, tmp_path, capsys):
+    vdir, config = tiny_artifact
+    assert main(["tree-map", str(config), str(vdir), "--tau", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dymu: error: [edge]:") and "tau" in err and "\n" not in err
+    assert main(["tree-map", str(config), str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dymu: error:") and "\n" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["tree-map", str(config), str(vdir), "--c", "2"])
+    assert exc.value.code == 2
+    assert "every c must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_path_table_is_cached_for_the_same_streams_and_images_only(
+    tiny_artifact, tmp_path, capsys
+):
+    vdir, config = tiny_artifact
+    table, first, second = tmp_path / "table.safetensors", tmp_path / "a.json", tmp_path / "b.json"
+    args = ["tree-map", str(config), str(vdir), "--points", "3", "--preferences", "20"]
+    assert main([*args, "--json", str(first)]) == 0
+    assert main([*args, "--table", str(table), "--json", str(second)]) == 0
+    assert table.exists()
+    assert json.loads(first.read_text()) == json.loads(second.read_text())
+    # the cached table is read back: a changed file changes the map
+    with safe_open(str(table), framework="pt") as f:
+        meta = f.metadata()
+    cached = load_file(str(table))["table"]
+    flipped = cached.flip(-1).contiguous()
+    save_file({"table": flipped}, str(table), metadata=meta)
+    assert main([*args, "--table", str(table), "--json", str(second)]) == 0
+    assert json.loads(first.read_text()) != json.loads(second.read_text())
+    # other images (path_images) or other streams: refused, the file is kept
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace("path_images = 4", "path_images = 3"))
+    assert main(["tree-map", str(other), str(vdir), "--table", str(table)]) == 2
+    assert "(path_images differ)" in capsys.readouterr().err
+    store = vdir.parent
+    again = dymu.save(dymu.load(vdir, device="cpu"), store, training={"command": "again"})
+    assert main(["tree-map", str(config), str(again), "--table", str(table)]) == 2
+    assert "(artifact differ)" in capsys.readouterr().err
+    assert torch.equal(load_file(str(table))["table"], flipped)

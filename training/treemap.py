@@ -1,0 +1,234 @@
+"""`dymu tree-map`: the tree the edge stage aims for at each preference, before it trains.
+
+With the tree-table estimator (training/trees.py) the edge stage fits its hypernet to each
+preference's best hard tree under the edge objective on the path table (paper Eq. 2 with
+Omega of Eq. 6). That map can be computed directly from a model's streams in seconds, so the
+objective's knobs (lambda_A, lambda_I, the dichotomy's tau) can be chosen before spending an
+edge stage's minutes (docs/training.md, "The tree map"). Per c it gives:
+
+* the mean cost of the best trees over Dir(1) preferences, as a fraction of the anchor (the
+  evaluation's resource check reads the same mean off the trained hypernet);
+* each task's marginal line (r_i from 0 to 1, the rest split evenly; the evaluation's Fig. 7
+  grid): the tree at each point, its cost and the tasks' table losses;
+* whether each task's table loss is non-increasing along its line, the table's version of the
+  paper's task control (claim 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dymu.architecture import Architecture
+from dymu.errors import ConfigError, validation_message
+from dymu.preference import sample_preferences
+from dymu.store import read_manifest, resolve
+
+from .config import TrainConfig
+from .evaluation.loop import marginal_grid
+from .run import Run
+from .stages import EdgeObjective, path_table, stage_affinity
+from .trees import TreeTable
+
+#: Relative slack of the monotonicity check: table losses are floats summed over images.
+MONOTONE_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """What the map is computed on: the values of c, the points of each marginal line, and the
+    Dir(1) preferences of the mean cost (seeded)."""
+
+    c_values: tuple[float, ...] = (0.0, 0.5, 1.0)
+    points: int = 11
+    preferences: int = 300
+    seed: int = 11
+
+
+def with_edge(config: TrainConfig, **overrides: float | None) -> TrainConfig:
+    """``config`` with ``[edge]`` fields replaced (None keeps the config's), validated as the
+    TOML file would be."""
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        edge = type(config.edge).model_validate({**config.edge.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(f"[edge]: {validation_message(exc.errors())}") from exc
+    return config.model_copy(update={"edge": edge})
+
+
+def best_trees(
+    table: TreeTable, r: torch.Tensor, c: float, lambda_active: float, lambda_inactive: float
+) -> list[int]:
+    """The index of the edge objective's best tree for each row of ``r`` at one ``c``."""
+    cs = torch.full((r.shape[0],), float(c), dtype=torch.float64)
+    return table.best(r, cs, lambda_active, lambda_inactive).tolist()
+
+
+def map_trees(
+    table: TreeTable,
+    names: list[str],
+    fraction: Callable[[int], float],
+    lambdas: tuple[float, float],
+    options: MapOptions = MapOptions(),
+) -> dict[str, Any]:
+    """The map of module docstring for a tree table; ``fraction(k)`` is tree k's cost as a
+    fraction of the anchor's, ``lambdas`` = (lambda_A, lambda_I)."""
+    n = len(names)
+    dense = torch.tensor(
+        [r for r, _ in sample_preferences(n, options.preferences, options.seed)],
+        dtype=torch.float64,
+    )
+    grid = marginal_grid(n, options.points)
+    line_r = torch.tensor([r for _, _, r in grid], dtype=torch.float64)
+    by_c = {}
+    for c in options.c_values:
+        mean = sum(fraction(k) for k in best_trees(table, dense, c, *lambdas)) / len(dense)
+        lines: dict[str, list[dict[str, Any]]] = {t: [] for t in names}
+        for (i, ri, _), k in zip(grid, best_trees(table, line_r, c, *lambdas), strict=True):
+            losses = table.task_losses[k].tolist()
+            lines[names[i]].append(
+                {
+                    "r_i": ri,
+                    "tree": k,
+                    "fraction": fraction(k),
+                    "losses": dict(zip(names, losses, strict=True)),
+                }
+            )
+        by_c[str(c)] = {"mean_fraction": mean, "lines": lines, "monotone": _monotone(lines)}
+    means = [v["mean_fraction"] for v in by_c.values()]
+    return {
+        "tasks": names,
+        "tau": table.tau,
+        "lambda_active": lambdas[0],
+        "lambda_inactive": lambdas[1],
+        "by_c": by_c,
+        "last_over_first": means[-1] / means[0] if means[0] > 0 else None,
+    }
+
+
+def _monotone(lines: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
+    """Per task: its own table loss never rises as r_i rises along its line."""
+    out = {}
+    for task, points in lines.items():
+        own = [p["losses"][task] for p in points]
+        out[task] = all(b <= a * (1 + MONOTONE_SLACK) for a, b in itertools.pairwise(own))
+    return out
+
+
+def table_key(run: Run, artifact: Path) -> dict[str, str]:
+    """What a path table depends on: the streams (the artifact's manifest checksum), the images
+    (data options, seed, split, count) and the scale (``path_scale``)."""
+    cfg = run.config
+    return {
+        "artifact": str(read_manifest(resolve(artifact))["manifest_sha256"]),
+        "data": cfg.data.model_dump_json(),
+        "seed": str(cfg.seed),
+        "split": "calibration" if run.calibration_set is not None else "training",
+        "path_images": str(cfg.edge.path_images),
+        "path_scale": cfg.edge.path_scale,
+    }
+
+
+def cached_table(run: Run, key: dict[str, str], cache: Path | None) -> torch.Tensor:
+    """The run's path table (training/stages.py), from ``cache`` when it holds the table of
+    ``key`` (a safetensors file; written there when absent)."""
+    if cache is not None and cache.exists():
+        with safe_open(str(cache), framework="pt") as f:
+            found = f.metadata() or {}
+            if found != key:
+                differ = sorted(k for k in key.keys() | found.keys() if key.get(k) != found.get(k))
+                raise ConfigError(
+                    f"{cache} holds the path table of other settings ({', '.join(differ)} "
+                    "differ): remove it or pass another --table file"
+                )
+            return f.get_tensor("table").to(run.device)
+    table = path_table(run)
+    if cache is not None:
+        save_file({"table": table.detach().cpu().contiguous()}, str(cache), metadata=key)
+    return table
+
+
+def tree_map(run: Run, table: torch.Tensor, options: MapOptions = MapOptions()) -> dict[str, Any]:
+    """The map for a prepared run whose anchor holds the streams and whose ``affinity`` is
+    set, on its path ``table``."""
+    cfg, model = run.config.edge, run.model
+    objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
+    trees = TreeTable.build(
+        table, model.n_layers, objective.affinity, objective.tau, objective.switches
+    )
+    anchor = model.anchor_cost().flops
+    costs: dict[int, float] = {}
+
+    def fraction(k: int) -> float:
+        if k not in costs:
+            parents = trees.parents[k].tolist()
+            arch = Architecture.from_parents(parents, model.n_tasks, model.n_layers)
+            costs[k] = model.cost(arch).flops / anchor
+        return costs[k]
+
+    names = [t.name for t in run.tasks]
+    result = map_trees(trees, names, fraction, (cfg.lambda_active, cfg.lambda_inactive), options)
+    result["path_scale"] = cfg.path_scale
+    result["table_split"] = "calibration" if run.calibration_set is not None else "training"
+    result["path_images"] = cfg.path_images
+    return result
+
+
+def tree_map_of(
+    config: TrainConfig,
+    artifact: Path,
+    device: torch.device,
+    options: MapOptions = MapOptions(),
+    table_cache: Path | None = None,
+) -> dict[str, Any]:
+    """``config``'s map on the streams of ``artifact`` (in a scratch run directory, removed
+    after); the path table is read from or written to ``table_cache`` when given."""
+    from .distributed import Distributed
+    from .pipeline import RunRequest, prepare_run
+
+    anchor = config.anchor.model_copy(update={"pretrained": str(artifact)})
+    config = config.model_copy(update={"anchor": anchor})
+    with tempfile.TemporaryDirectory(prefix="dymu-tree-map-") as tmp:
+        request = RunRequest(
+            config, Path(tmp) / "out", Path(tmp) / "run", device, Distributed(),
+            resume=False, stages=("affinity", "edge"), progress=False, command=None,
+            max_steps=None,
+        )  # fmt: skip
+        run, _, _ = prepare_run(request)
+        run.affinity = stage_affinity(run)
+        table = cached_table(run, table_key(run, artifact), table_cache)
+        return tree_map(run, table, options)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The map as text: the mean cost per c, then each task's line (its own loss, the cost)."""
+    names = result["tasks"]
+    lines = [
+        f"tau {result['tau']:g}, lambda_A {result['lambda_active']:g}, "
+        f"lambda_I {result['lambda_inactive']:g}; table: {result.get('path_images', '?')} "
+        f"{result.get('table_split', '?')} images, path_scale {result.get('path_scale', '?')}",
+        "",
+        "| c | mean cost (fraction of the anchor) | loss non-increasing in r_i |",
+        "|---|---:|---|",
+    ]
+    for c, v in result["by_c"].items():
+        mono = ", ".join(f"{t} {'yes' if ok else 'NO'}" for t, ok in v["monotone"].items())
+        lines.append(f"| {c} | {v['mean_fraction']:.3f} | {mono} |")
+    if result["last_over_first"] is not None:
+        lines += ["", f"last c / first c: {result['last_over_first']:.3f}"]
+    for c, v in result["by_c"].items():
+        lines += ["", f"c = {c}: each task's own table loss / the tree's cost, r_i from 0 to 1"]
+        for task in names:
+            pts = v["lines"][task]
+            cells = " ".join(f"{p['losses'][task]:.2f}/{p['fraction']:.2f}" for p in pts)
+            lines.append(f"  {task}: {cells}")
+    return "\n".join(lines)
