@@ -16,6 +16,8 @@ import training
 from dymu.cli import main
 from training.branching import RegularizerSwitches
 from training.config import load_config
+from training.data import split_dataset
+from training.pipeline import build_model, take_streams
 from training.treemap import MapOptions, map_trees, with_edge
 from training.trees import TreeTable
 
@@ -125,6 +127,14 @@ def test_the_cli_rejects_bad_input_with_one_line(tiny_artifact, tmp_path, capsys
     assert main(["tree-map", str(config), str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dymu: error:") and "\n" not in err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a table")
+    assert main(["tree-map", str(config), str(vdir), "--table", str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dymu: error: {junk} is not a path-table file") and "\n" not in err
+    nowhere = tmp_path / "no" / "m.json"
+    assert main(["tree-map", str(config), str(vdir), "--json", str(nowhere)]) == 2
+    assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["tree-map", str(config), str(vdir), "--c", "2"])
     assert exc.value.code == 2
@@ -159,3 +169,29 @@ def test_the_path_table_is_cached_for_the_same_streams_and_images_only(
     assert main(["tree-map", str(config), str(again), "--table", str(table)]) == 2
     assert "(artifact differ)" in capsys.readouterr().err
     assert torch.equal(load_file(str(table))["table"], flipped)
+
+
+def build_model_of(config):
+    return build_model(config, tuple(split_dataset(config).tasks))
+
+
+def test_streams_that_do_not_fit_the_config_are_one_line_before_any_copy(tiny_artifact, tmp_path):
+    # the check behind `anchor.pretrained` (dymu train --anchor-from, dymu tree-map)
+    vdir, config = tiny_artifact
+    other_tasks = build_model_of(load_config("multidigits"))
+    with pytest.raises(dymu.ConfigError, match=r"its tasks \['segmentation'"):
+        take_streams(other_tasks, str(vdir), torch.device("cpu"))
+    wider = tmp_path / "wider.toml"
+    text = config.read_text()
+    wider.write_text(text.replace("widths = [8, 8, 12, 12, 16]", "widths = [8, 8, 12, 12, 24]"))
+    model = build_model_of(load_config(wider))
+    before = {k: v.clone() for k, v in model.anchor.state_dict().items()}
+    with pytest.raises(dymu.ConfigError, match="do not fit the config's backbone") as exc:
+        take_streams(model, str(vdir), torch.device("cpu"))
+    assert "\n" not in str(exc.value)
+    assert all(torch.equal(v, model.anchor.state_dict()[k]) for k, v in before.items())
+    # the same tasks and backbone: the streams are copied
+    same = build_model_of(load_config(config))
+    take_streams(same, str(vdir), torch.device("cpu"))
+    source = dymu.load(vdir, device="cpu").anchor.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in same.anchor.state_dict().items())

@@ -191,6 +191,9 @@ def _tree_map(args: argparse.Namespace) -> int:
 
     from .treemap import MapOptions, markdown, tree_map_of, with_edge
 
+    for out in (args.json, args.table):
+        if out is not None and not out.parent.is_dir():
+            raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     config = with_edge(
         load_config(args.config),
         tau=args.tau,

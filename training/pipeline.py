@@ -118,6 +118,26 @@ def run_training(
             distributed_shutdown()
 
 
+def take_streams(model: dymu.ControllableModel, artifact: str, device: torch.device) -> None:
+    """Copy the anchor streams of ``artifact`` into ``model``; one line (a ConfigError) when
+    they do not fit the config's tasks or backbone, before any tensor is copied."""
+    source = dymu.load(artifact, device=device)
+    ours, theirs = list(model.tasks), list(source.tasks)
+    if ours != theirs:
+        raise ConfigError(f"{artifact}: its tasks {theirs} are not the config's {ours}")
+    mine, given = model.anchor.state_dict(), source.anchor.state_dict()
+    for key in sorted(mine.keys() | given.keys()):
+        a, b = mine.get(key), given.get(key)
+        if a is None or b is None or a.shape != b.shape:
+            found = "missing" if b is None else f"shape {tuple(b.shape)}"
+            wanted = "none" if a is None else f"shape {tuple(a.shape)}"
+            raise ConfigError(
+                f"{artifact}: its streams do not fit the config's backbone "
+                f"({key}: {found} in the artifact, {wanted} in the config)"
+            )
+    model.anchor.load_state_dict(given)
+
+
 def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, ...]]:
     """The run's state (model, training split, checkpoint if resuming) and the stages to run."""
     config, run_dir, dev, stages = request.config, request.run_dir, request.device, request.stages
@@ -132,8 +152,7 @@ def prepare_run(request: RunRequest) -> tuple[Run, Position | None, tuple[str, .
     if config.edge.estimator == "trees" and "edge" in stages:
         hard_trees(model.n_tasks, model.n_layers)  # too many trees: say so before stage 0
     if config.anchor.pretrained:  # whatever the stages: the controller trains on these streams
-        source = dymu.load(config.anchor.pretrained, device=dev)
-        model.anchor.load_state_dict(source.anchor.state_dict())
+        take_streams(model, config.anchor.pretrained, dev)
         stages = tuple(s for s in stages if s not in ("trunk", "anchor"))
     elif config.backbone.init and ("anchor" in stages or "trunk" in stages):
         init_encoders(model, config.backbone.init)

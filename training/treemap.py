@@ -9,7 +9,8 @@ edge stage's minutes (docs/training.md, "The tree map"). Per c it gives:
 * the mean cost of the best trees over Dir(1) preferences, as a fraction of the anchor (the
   evaluation's resource check reads the same mean off the trained hypernet);
 * each task's marginal line (r_i from 0 to 1, the rest split evenly; the evaluation's Fig. 7
-  grid): the tree at each point, its cost and the tasks' table losses;
+  grid): the tree at each point (its index in ``hard_trees``' enumeration), its cost and the
+  tasks' table losses;
 * whether each task's table loss is non-increasing along its line, the table's version of the
   paper's task control (claim 2).
 """
@@ -142,15 +143,18 @@ def cached_table(run: Run, key: dict[str, str], cache: Path | None) -> torch.Ten
     """The run's path table (training/stages.py), from ``cache`` when it holds the table of
     ``key`` (a safetensors file; written there when absent)."""
     if cache is not None and cache.exists():
-        with safe_open(str(cache), framework="pt") as f:
-            found = f.metadata() or {}
-            if found != key:
-                differ = sorted(k for k in key.keys() | found.keys() if key.get(k) != found.get(k))
-                raise ConfigError(
-                    f"{cache} holds the path table of other settings ({', '.join(differ)} "
-                    "differ): remove it or pass another --table file"
-                )
-            return f.get_tensor("table").to(run.device)
+        try:
+            with safe_open(str(cache), framework="pt") as f:
+                found, table = f.metadata() or {}, f.get_tensor("table")
+        except Exception as exc:  # safetensors raises its own error types for a bad file
+            raise ConfigError(f"{cache} is not a path-table file: {exc}") from exc
+        if found != key:
+            differ = sorted(k for k in key.keys() | found.keys() if key.get(k) != found.get(k))
+            raise ConfigError(
+                f"{cache} holds the path table of other settings ({', '.join(differ)} "
+                "differ): remove it or pass another --table file"
+            )
+        return table.to(run.device)
     table = path_table(run)
     if cache is not None:
         save_file({"table": table.detach().cpu().contiguous()}, str(cache), metadata=key)
