@@ -81,7 +81,7 @@ def map_trees(
     lambdas: tuple[float, float],
     options: MapOptions = MapOptions(),
 ) -> dict[str, Any]:
-    """The map of module docstring for a tree table; ``fraction(k)`` is tree k's cost as a
+    """The map of the module docstring for a tree table; ``fraction(k)`` is tree k's cost as a
     fraction of the anchor's, ``lambdas`` = (lambda_A, lambda_I)."""
     n = len(names)
     dense = torch.tensor(
