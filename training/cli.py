@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dymu.errors import ConfigError
@@ -147,11 +148,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_train)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in "invalid ... value"
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -175,13 +185,6 @@ def _c_values(text: str) -> tuple[float, ...]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"every c must be in [0, 1], got {text!r}")
     return values
-
-
-def _points(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a line needs at least 2 points, got {value}")
-    return value
 
 
 def _tree_map(args: argparse.Namespace) -> int:
@@ -229,7 +232,7 @@ def add_tree_map_command(sub: argparse._SubParsersAction) -> None:
     ):
         p.add_argument(flag, type=float, default=None, help=what)
     p.add_argument("--c", type=_c_values, default=(0.0, 0.5, 1.0), help="default 0,0.5,1")
-    p.add_argument("--points", type=_points, default=11, help="points per marginal line")
+    p.add_argument("--points", type=_at_least(2), default=11, help="points per marginal line")
     p.add_argument(
         "--preferences", type=_positive, default=300, help="Dir(1) preferences per mean cost"
     )

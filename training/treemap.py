@@ -125,15 +125,21 @@ def _monotone(lines: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
     return out
 
 
+def table_split(run: Run) -> str:
+    """The split the run's path table is measured on (:func:`training.stages.path_table`)."""
+    return "calibration" if run.calibration_set is not None else "training"
+
+
 def table_key(run: Run, artifact: Path) -> dict[str, str]:
     """What a path table depends on: the streams (the artifact's manifest checksum), the images
     (data options, seed, split, count) and the scale (``path_scale``)."""
     cfg = run.config
     return {
-        "artifact": str(read_manifest(resolve(artifact))["manifest_sha256"]),
+        # prepare_run has just loaded and verified the artifact: its checksums are not read again
+        "artifact": str(read_manifest(resolve(artifact), verify=False)["manifest_sha256"]),
         "data": cfg.data.model_dump_json(),
         "seed": str(cfg.seed),
-        "split": "calibration" if run.calibration_set is not None else "training",
+        "split": table_split(run),
         "path_images": str(cfg.edge.path_images),
         "path_scale": cfg.edge.path_scale,
     }
@@ -182,7 +188,7 @@ def tree_map(run: Run, table: torch.Tensor, options: MapOptions = MapOptions()) 
     names = [t.name for t in run.tasks]
     result = map_trees(trees, names, fraction, (cfg.lambda_active, cfg.lambda_inactive), options)
     result["path_scale"] = cfg.path_scale
-    result["table_split"] = "calibration" if run.calibration_set is not None else "training"
+    result["table_split"] = table_split(run)
     result["path_images"] = cfg.path_images
     return result
 
