@@ -15,6 +15,19 @@ from . import __version__
 from .errors import DymuError
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for every command's counts: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in "invalid ... value"
+    return parse
+
+
 def _info(args: argparse.Namespace) -> int:
     from .model import ControllableModel
     from .store import list_versions, load, resolve

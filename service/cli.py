@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dymu.cli import at_least
 from dymu.errors import DymuError, validation_message
 
 
@@ -68,13 +69,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -122,7 +116,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--replicas",
-        type=_positive,
+        type=at_least(1),
         default=None,
         help="--engine ray: model replicas (default 1), each with its own preference cache",
     )

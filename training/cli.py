@@ -12,9 +12,9 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from dymu.cli import at_least
 from dymu.errors import ConfigError
 
 from .config import available_configs, load_config
@@ -137,7 +137,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nproc",
-        type=_positive,
+        type=at_least(1),
         default=1,
         help="data-parallel processes (runs torchrun; gloo on CPU, one GPU each on CUDA); "
         "the config's batch_size is the global batch (default 1: a plain single process)",
@@ -148,20 +148,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_train)
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``low``."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in "invalid ... value"
-    return parse
-
-
-_positive = _at_least(1)
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -232,9 +218,9 @@ def add_tree_map_command(sub: argparse._SubParsersAction) -> None:
     ):
         p.add_argument(flag, type=float, default=None, help=what)
     p.add_argument("--c", type=_c_values, default=(0.0, 0.5, 1.0), help="default 0,0.5,1")
-    p.add_argument("--points", type=_at_least(2), default=11, help="points per marginal line")
+    p.add_argument("--points", type=at_least(2), default=11, help="points per marginal line")
     p.add_argument(
-        "--preferences", type=_positive, default=300, help="Dir(1) preferences per mean cost"
+        "--preferences", type=at_least(1), default=300, help="Dir(1) preferences per mean cost"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the map as JSON")
     p.add_argument(
