@@ -46,12 +46,12 @@ class Call:
         return self.head(host) + self.body
 
 
-def form_call(image: bytes, fields: dict[str, str]) -> Call:
+def form_call(image: bytes, fields: dict[str, str], media_type: str = "image/png") -> Call:
     """``POST /predict`` as multipart: the image file and plain fields."""
     boundary = uuid.uuid4().hex
     parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.png"'
-        f"\r\nContent-Type: image/png\r\n\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"'
+        f"\r\nContent-Type: {media_type}\r\n\r\n".encode()
         + image
         + b"\r\n"
     ]

@@ -151,6 +151,7 @@ def _request_path(res: Mapping[str, Any], backends: Mapping[str, Any] | None) ->
         rows[oip]["overhead"],
         f"{first['size']}, OIP binary, batching off",
         npz=rows["npz, this tree"]["overhead"],
+        npz_npy_in=(rows.get("npz, NPY in, this tree") or {}).get("overhead"),
         server_side=rows[oip]["server_overhead"],
     )
     h["request_overhead_json"] = _goal(
@@ -161,6 +162,7 @@ def _request_path(res: Mapping[str, Any], backends: Mapping[str, Any] | None) ->
         small_oip[oip]["overhead"],
         f"{small['size']}, OIP binary",
         npz=small_oip["npz, this tree"]["overhead"],
+        npz_npy_in=(small_oip.get("npz, NPY in, this tree") or {}).get("overhead"),
     )
     if res.get("load"):
         load = res["load"][0]

@@ -146,7 +146,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown preference id (another model version)",
         408: "the body was sent too slowly",
         413: "body or image too large",
-        415: "not a PNG or JPEG image / unsupported body type",
+        415: "not a PNG, JPEG or NPY image / unsupported body type",
         422: "invalid preference, budget (or one below the cheapest tree), task, id, image or "
         "field (unknown or given twice)",
         503: "not ready, draining, or full (Retry-After)",

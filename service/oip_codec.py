@@ -48,7 +48,7 @@ class InferRequest:
     """A parsed infer request: the images, the preference fields and the requested outputs."""
 
     images: list[np.ndarray] | None  # UINT8 (H, W, 3) each ...
-    encoded: list[bytes] | None  # ... or BYTES: encoded PNG/JPEG files
+    encoded: list[bytes] | None  # ... or BYTES: encoded PNG/JPEG/NPY files
     request_id: str | None
     preference_id: str | None = None
     r: list[float] | None = None
@@ -137,7 +137,8 @@ def read_image_tensor(
             raise BadRequestError(f"{IMAGE}: BYTES images have shape [B] or [B, 1], got {shape}")
     else:
         raise BadRequestError(
-            f"{IMAGE}: datatype must be UINT8 (pixels) or BYTES (PNG/JPEG files), got {datatype!r}"
+            f"{IMAGE}: datatype must be UINT8 (pixels) or BYTES (PNG/JPEG/NPY files), "
+            f"got {datatype!r}"
         )
     if shape[0] > max_batch:
         raise BadRequestError(f"{IMAGE}: a batch of {shape[0]} images; the limit is {max_batch}")

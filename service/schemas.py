@@ -183,7 +183,7 @@ class PredictJSON(BaseModel):
         },
     )
 
-    image: str = Field(description="PNG or JPEG, base64")
+    image: str = Field(description="PNG, JPEG or NPY (raw uint8 pixels), base64")
     preference_id: str | None = Field(None, description="from POST /preference")
     r: RawWeights | None = Field(None, description=R_DESCRIPTION + " Inline, instead of an id.")
     c: RawNumber | None = Field(None, description=C_DESCRIPTION + " With r; default 0.")

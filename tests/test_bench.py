@@ -208,10 +208,13 @@ def test_request_path_fields(tiny_run):
     report, _, _ = tiny_run
     res = report["cases"]["request_path"]["result"]
     rows = {r["variant"]: r for r in res["overhead"][0]["rows"]}
-    assert set(rows) == {f"{f}, this tree" for f in ("npz", "JSON-PNG", "OIP binary")} | {
+    formats = ("npz", "npz, NPY in", "JSON-PNG", "OIP binary")
+    assert set(rows) == {f"{f}, this tree" for f in formats} | {
         "npz via httpx (service.client), this tree"
     }
     assert all(r["server_model_ms"] > 0 and r["overhead"] > -1 for r in rows.values())
+    headline = report["headline"]["request_overhead"]
+    assert headline["npz_npy_in"] == rows["npz, NPY in, this tree"]["overhead"]
     load = res["load"][0]
     assert load["clients"] == report["config"]["request_clients"]
     rd = load["rounds"][0]

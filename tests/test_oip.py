@@ -224,13 +224,16 @@ def test_preference_id_default_and_version_path(client, server, photo, model):
 
 def test_encoded_files_as_bytes(client, photo):
     png = PHOTO.read_bytes()
+    buf = io.BytesIO()
+    np.save(buf, photo, allow_pickle=False)  # raw pixels as an NPY file
     files = httpclient.InferInput("image", [2], "BYTES")
-    files.set_data_from_numpy(np.array([png, png], dtype=np.object_), binary_data=True)
+    files.set_data_from_numpy(np.array([png, buf.getvalue()], dtype=np.object_), binary_data=True)
     result = client.infer("scenes-small", [files], parameters=preference())
     pixels = client.infer("scenes-small", [image_input(photo[None], True)], parameters=preference())
     got = result.as_numpy("segmentation")
     assert got.shape[0] == 2
-    np.testing.assert_allclose(got[1], pixels.as_numpy("segmentation")[0], atol=1e-5)
+    for k in range(2):
+        np.testing.assert_allclose(got[k], pixels.as_numpy("segmentation")[0], atol=1e-5)
 
 
 def test_the_requests_are_counted_per_route(client, server, photo):
@@ -340,7 +343,7 @@ BAD: dict[str, tuple[dict | bytes, bytes, int, str]] = {
         422,
         "not all in tasks",
     ),
-    "not an image file": (*files(b"hello world"), 415, "not a PNG or JPEG"),
+    "not an image file": (*files(b"hello world"), 415, "not a PNG, JPEG or NPY"),
     "corrupt png": (*files(corrupt_png()), 422, "cannot decode"),
     "mixed sizes": (*files(png_of((8, 8)), png_of((8, 9))), 422, "one size"),
     "bytes json not base64": (

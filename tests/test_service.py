@@ -70,6 +70,12 @@ def png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
 def random_image(seed: int, hw: tuple[int, int] = HW) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)
 
@@ -259,6 +265,32 @@ def test_decode_image_limits_and_formats():
             decode_image(data, 10_000)
 
 
+def test_decode_image_reads_raw_pixels_from_npy():
+    rgb = random_image(0)
+    assert np.array_equal(decode_image(npy(rgb), 10_000), rgb)
+    assert np.array_equal(decode_image(npy(np.asfortranarray(rgb)), 10_000), rgb)
+    gray = decode_image(npy(rgb[:, :, 1]), 10_000)
+    assert gray.shape == (*HW, 3)
+    assert all(np.array_equal(gray[..., k], rgb[..., 1]) for k in range(3))
+    with pytest.raises(PayloadTooLargeError, match="pixels; the limit is 100"):
+        decode_image(npy(rgb), 100)
+    object_header = b"\x93NUMPY\x01\x00" + b"v\x00" + (
+        b"{'descr': '|O', 'fortran_order': False, 'shape': (2, 2, 3), }".ljust(117) + b"\n"
+    )
+    bad = {
+        "must be uint8; got float32": npy(rgb.astype(np.float32)),
+        "must be uint8; got object": object_header + b"\x00" * 12,
+        r"shape \(H, W, 3\) or \(H, W\); got \(24, 32, 2\)": npy(rgb[:, :, :2].copy()),
+        r"got \(32,\)": npy(rgb[0, :, 0].copy()),
+        "holds 2,299": npy(rgb)[:-5],
+        "holds 2,305": npy(rgb) + b"x",
+        "cannot read the NPY header": npy(rgb)[:12],
+    }
+    for reason, data in bad.items():
+        with pytest.raises(BadImageError, match=reason):
+            decode_image(data, 10_000)
+
+
 # ------------------------------------------------------------------------ server: basics
 def test_health_and_readiness(server, client):
     http = client.http
@@ -400,6 +432,13 @@ def test_predict_with_id_json_and_npz(client, model, info):
     )
     assert js.encoded["segmentation"]["classes"] == 5
 
+    # raw pixels in: the same outputs as the PNG, over multipart and JSON
+    for transport in ("multipart", "json"):
+        raw = client.predict(rgb, preference_id=rec.preference_id, format="npz",
+                             transport=transport, image_format="npy")  # fmt: skip
+        for t in TASKS:
+            np.testing.assert_array_equal(raw.outputs[t], npz.outputs[t])
+
 
 def test_predict_inline_default_and_task_subset(client, model, info):
     rgb = random_image(2, (20, 28))  # any size: the nets are fully convolutional
@@ -462,6 +501,8 @@ def test_predict_bad_inputs_are_4xx(client, info):
         "gif": (multipart(image=_gif()), 415),
         "truncated png": (multipart(image=img[: len(img) // 2]), 422),
         "empty image": (multipart(image=b""), 422),
+        "npy of floats": (multipart(image=npy(random_image(3).astype(np.float32))), 422),
+        "npy over the pixel limit": (multipart(image=npy(np.zeros((400, 400), np.uint8))), 413),
         "bad base64": (_post_json(client, {"image": "!!!"}), 422),
         "body type": (http.post("/predict", content=b"abc",
                                 headers={"content-type": "text/plain"}), 415),

@@ -4,7 +4,8 @@
 requests; per request, client round trip / the server's own model time
 (``X-Dymu-Model-Time-Ms``, or ``model_ms`` of an OIP reply) - 1, the median over rounds. The
 variants alternate within each round: ``/predict`` with a PNG in and an npz reply, the same with
-JSON-PNG, and the Open Inference Protocol with raw pixels in and binary FP32 out. The client is
+raw pixels in (an NPY file: no PNG decode), the same with JSON-PNG, and the Open Inference
+Protocol with raw pixels in and binary FP32 out. The client is
 :mod:`benchmarks.lean_http` (bodies encoded once, one keep-alive connection, stdlib
 ``http.client``); the npz variant is also sent through ``service.client`` (httpx), to show
 what a general-purpose client adds. With ``DYMU_BENCH_BASELINE=<source tree>`` (a checkout or
@@ -47,6 +48,9 @@ BASELINE_ENV = "DYMU_BENCH_BASELINE"
 #: intra-op thread (batches in flight side by side instead of one batch on every core).
 WORKERS = "this tree, 1 thread per worker"
 FORMATS = ("npz", "JSON-PNG", "OIP binary")
+#: Raw pixels in (an NPY file), npz out: /predict with no PNG to decode. Only this tree's server
+#: has it (a baseline tree may predate NPY images).
+RAW = "npz, NPY in"
 
 
 def _threads_env(ctx: Context) -> dict[str, str]:
@@ -71,13 +75,19 @@ def _rgb(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def _calls(png: bytes, rgb: np.ndarray, served: dict[str, str]) -> dict[str, Call]:
+def _calls(png: bytes, rgb: np.ndarray, served: dict[str, str], raw: bool) -> dict[str, Call]:
     pid = served["pid"]
-    return {
+    calls = {
         "npz": form_call(png, {"preference_id": pid, "format": "npz"}),
         "JSON-PNG": form_call(png, {"preference_id": pid, "format": "json"}),
         "OIP binary": oip_call(served["model"], rgb, pid),
     }
+    if raw:
+        buf = io.BytesIO()
+        np.save(buf, rgb, allow_pickle=False)
+        fields = {"preference_id": pid, "format": "npz"}
+        calls[RAW] = form_call(buf.getvalue(), fields, "application/octet-stream")
+    return calls
 
 
 def overhead(ctx: Context, backend: str, servers: dict[str, ServerProcess], size: str) -> dict:
@@ -96,7 +106,7 @@ def overhead(ctx: Context, backend: str, servers: dict[str, ServerProcess], size
         backends[label] = served["backend"]
         conn = Sync("127.0.0.1", server.port)
         closers.append(conn)
-        for name, call in _calls(png, rgb, served).items():
+        for name, call in _calls(png, rgb, served, raw=label == "this tree").items():
             log = logs[f"{name}, {label}"] = []
 
             def send(conn: Sync = conn, call: Call = call, log: list = log) -> None:

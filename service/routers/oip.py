@@ -2,7 +2,7 @@
 
 ``GET /v2`` (server metadata), ``GET /v2/models/{model}[/versions/{v}]`` (model metadata),
 ``.../ready`` and ``POST .../infer``. ``{model}`` is the artifact's name and ``{v}`` the served
-version. The input ``image`` is UINT8 ``[B, H, W, 3]`` or BYTES ``[B]`` (PNG/JPEG files); there
+version. The input ``image`` is UINT8 ``[B, H, W, 3]`` or BYTES ``[B]`` (PNG/JPEG/NPY files); there
 is one FP32 output per task, the arrays of /predict's npz reply with a batch axis. The
 preference and the task subset travel as request parameters (``preference_id``, or ``r`` as
 comma-separated numbers and ``c``; ``tasks`` comma-separated); the reply's parameters carry the

@@ -47,7 +47,11 @@ MULTIPART_SCHEMA = {
     "required": ["image"],
     "additionalProperties": False,
     "properties": {
-        "image": {"type": "string", "format": "binary", "description": "PNG or JPEG file"},
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG, JPEG, or NPY (raw uint8 pixels, (H, W, 3) or (H, W))",
+        },
         "preference_id": {"type": "string", "description": "from POST /preference"},
         "r": {
             "type": "string",
