@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         "image: as a PNG/JPEG header declares, raw OIP pixels, the reply's outputs) runs on the "
         "event loop: for it a hop to an I/O thread costs more than the work (0: always hop)",
     )
+    idle_inline_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="when no other prediction is in flight, a request step (one job, not "
+        "encodings run side by side) of up to this many bytes of image data runs on the event "
+        "loop too: with nothing else to serve, a hop to a thread is only latency (0: never)",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers must arrive within this (else closed)"

@@ -174,14 +174,31 @@ class Service:
         """``fn(*args)`` on the control threads (loading, materializing, cost maps)."""
         return await asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
 
-    async def io(self, fn: Callable[..., T], *args: Any, data_bytes: int | None = None) -> T:
+    async def io(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        data_bytes: int | None = None,
+        side_by_side: bool = False,
+    ) -> T:
         """``fn(*args)`` on the I/O threads (parsing, decoding and encoding images), or at once
-        on the event loop when the step's image data is at most ``inline_io_bytes``: a hop to
-        a thread and back costs ~0.1-0.2 ms, more than a small image's work (docs/service.md,
-        "Where the time goes")."""
-        if data_bytes is not None and data_bytes <= self.settings.inline_io_bytes:
+        on the event loop when the step's image data is small enough: a hop to a thread and back
+        costs ~0.1-0.2 ms (docs/service.md, "Where the time goes").
+
+        Small: at most ``inline_io_bytes``, where the hop costs more than the work; or at most
+        ``idle_inline_bytes`` while this request is the only prediction in flight, where there
+        is nothing else for the loop to do. ``side_by_side`` marks a step gathered with others
+        (they hop, to run in parallel on the I/O threads)."""
+        if data_bytes is not None and self._inline(data_bytes, side_by_side):
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _inline(self, data_bytes: int, side_by_side: bool) -> bool:
+        s = self.settings
+        if data_bytes <= s.inline_io_bytes:
+            return True
+        alone = self.in_flight <= 1 and not side_by_side
+        return alone and data_bytes <= s.idle_inline_bytes
 
     # -- admission ------------------------------------------------------------------------------
     def _not_ready(self) -> NotReadyError:

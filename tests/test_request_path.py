@@ -28,12 +28,25 @@ from .test_service import HW, png, random_image, running, save_tiny
 TASKS = ("segmentation", "depth", "normals")
 
 
-def thread_of_step(inline_io_bytes: int, data_bytes: int | None) -> str:
+def thread_of_step(
+    inline_io_bytes: int,
+    data_bytes: int | None,
+    in_flight: int = 2,
+    side_by_side: bool = False,
+    idle_inline_bytes: int = 1_048_576,
+) -> str:
+    """The thread a request step runs on (``in_flight``: predictions admitted, this one too)."""
+
     async def main() -> str:
-        svc = Service(Settings(inline_io_bytes=inline_io_bytes))
+        settings = Settings(inline_io_bytes=inline_io_bytes, idle_inline_bytes=idle_inline_bytes)
+        svc = Service(settings)
+        svc.in_flight = in_flight
         svc._io = ThreadPoolExecutor(1, thread_name_prefix="dymu-io")  # what start() makes
         try:
-            return await svc.io(lambda: threading.current_thread().name, data_bytes=data_bytes)
+            name = threading.current_thread
+            return await svc.io(
+                lambda: name().name, data_bytes=data_bytes, side_by_side=side_by_side
+            )
         finally:
             svc._io.shutdown()
 
@@ -51,6 +64,19 @@ def test_a_small_images_step_runs_on_the_loop_and_a_large_ones_on_an_io_thread()
 
 def test_inline_io_bytes_zero_always_hops():
     assert thread_of_step(0, 1).startswith("dymu-io")
+
+
+def test_a_lone_requests_step_stays_on_the_loop_up_to_idle_inline_bytes():
+    loop_thread = threading.current_thread().name
+    assert thread_of_step(65_536, 331_776, in_flight=1) == loop_thread  # alone: no hop
+    assert thread_of_step(65_536, 1_048_576, in_flight=1) == loop_thread
+    assert thread_of_step(65_536, 1_048_577, in_flight=1).startswith("dymu-io")  # too large
+    assert thread_of_step(65_536, None, in_flight=1).startswith("dymu-io")  # size unknown
+    # encodings gathered side by side hop, to run in parallel; so does a busy server's step
+    assert thread_of_step(65_536, 331_776, in_flight=1, side_by_side=True).startswith("dymu-io")
+    assert thread_of_step(65_536, 36_864, in_flight=1, side_by_side=True) == loop_thread
+    assert thread_of_step(65_536, 331_776, in_flight=2).startswith("dymu-io")
+    assert thread_of_step(65_536, 331_776, in_flight=1, idle_inline_bytes=0).startswith("dymu-io")
 
 
 def run_batches(fn, payloads: list, max_batch: int = 4) -> list:
@@ -115,8 +141,19 @@ def test_declared_pixels_reads_the_header_only():
     assert declared_pixels(b"not an image") is None
 
 
-def test_predict_decodes_a_small_image_on_the_loop_and_a_large_one_off_it(tmp_path, monkeypatch):
-    """On a real server: the choice follows the pixels the image declares, not its bytes."""
+def flat_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (1, 2, 3)).save(buf, format="PNG")  # a few KB, w*h*3 of pixels
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("idle_inline_bytes", [0, 1_048_576])
+def test_predict_decodes_a_small_image_on_the_loop_and_a_large_one_off_it(
+    tmp_path, monkeypatch, idle_inline_bytes
+):
+    """On a real server: the choice follows the pixels the image declares, not its bytes; a
+    lone request (one client, one request at a time) also decodes up to idle_inline_bytes on
+    the loop."""
     import service.routers.predict as predict
 
     threads: list[str] = []
@@ -128,13 +165,13 @@ def test_predict_decodes_a_small_image_on_the_loop_and_a_large_one_off_it(tmp_pa
 
     monkeypatch.setattr(predict, "decode_image", recording)
     small = png(random_image(0, HW))  # 24x32: 2.3 KB of pixels, on the loop
-    large = io.BytesIO()
-    Image.new("RGB", (640, 480), (1, 2, 3)).save(large, format="PNG")  # ~1 KB, 0.9 MB of pixels
-    with running(save_tiny(tmp_path), inline_io_bytes=65_536) as srv, DymuClient(srv.url) as c:
-        for image in (small, large.getvalue()):
+    images = (small, flat_png(640, 480), flat_png(1024, 768))  # 0.9 MB, 2.4 MB of pixels
+    settings = {"inline_io_bytes": 65_536, "idle_inline_bytes": idle_inline_bytes}
+    with running(save_tiny(tmp_path), **settings) as srv, DymuClient(srv.url) as c:
+        for image in images:
             c.predict(image, format="npz")
-    assert not threads[0].startswith("dymu-io")
-    assert threads[1].startswith("dymu-io")
+    hopped = [t.startswith("dymu-io") for t in threads]
+    assert hopped == [False, idle_inline_bytes == 0, True]
 
 
 def test_an_infer_request_is_read_on_the_loop_only_when_its_inputs_are_raw_pixels():

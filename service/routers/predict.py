@@ -133,7 +133,9 @@ async def _serve(svc: Service, lm: LoadedModel, body: PredictBody, state: dict[s
     pref, key = sel.preference, sel.key
 
     # Inline (Service.io) only when the image *decodes* small: its header says how many pixels.
-    data = body.image_bytes() if len(body.image) <= svc.settings.inline_io_bytes else None
+    # A file's header is read where it lies; base64 text is decoded here only when short.
+    short = len(body.image) <= svc.settings.inline_io_bytes
+    data = body.image if isinstance(body.image, bytes) else body.image_bytes() if short else None
     pixels = declared_pixels(data) if data is not None else None
 
     def decode() -> torch.Tensor:
@@ -156,8 +158,9 @@ async def _respond(
         metrics, payload = await io(_npz_reply, svc, lm, s, t0)
         return Response(payload, media_type=NPZ_MEDIA_TYPE, headers=_headers(metrics, s))
     # The cost and one PNG per task, encoded in parallel (zlib releases the GIL).
-    jobs = [io(lm.cost, s.entry.architecture, s.hw, s.subset)]
-    jobs += [io(encode_task, specs[t].kind, s.out.arrays[t], specs[t].classes) for t in names]
+    side = partial(io, side_by_side=True)
+    jobs = [side(lm.cost, s.entry.architecture, s.hw, s.subset)]
+    jobs += [side(encode_task, specs[t].kind, s.out.arrays[t], specs[t].classes) for t in names]
     cost, *pngs = await asyncio.gather(*jobs)
     svc.metrics.flops.inc(cost.flops)
     metrics = _metrics(lm, s, cost, t0)
