@@ -26,7 +26,7 @@ import dymu
 from dymu.preference import Preference, canonicalize
 from service import prefid
 from service.cache import PreferenceCache
-from service.client import DymuAPIError, DymuClient
+from service.client import DymuAPIError, DymuClient, image_bytes
 from service.errors import (
     BadImageError,
     MalformedPreferenceIdError,
@@ -274,9 +274,8 @@ def test_decode_image_reads_raw_pixels_from_npy():
     assert all(np.array_equal(gray[..., k], rgb[..., 1]) for k in range(3))
     with pytest.raises(PayloadTooLargeError, match="pixels; the limit is 100"):
         decode_image(npy(rgb), 100)
-    object_header = b"\x93NUMPY\x01\x00" + b"v\x00" + (
-        b"{'descr': '|O', 'fortran_order': False, 'shape': (2, 2, 3), }".ljust(117) + b"\n"
-    )
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (2, 2, 3), }".ljust(117) + b"\n"
+    object_header = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
     bad = {
         "must be uint8; got float32": npy(rgb.astype(np.float32)),
         "must be uint8; got object": object_header + b"\x00" * 12,
@@ -289,6 +288,18 @@ def test_decode_image_reads_raw_pixels_from_npy():
     for reason, data in bad.items():
         with pytest.raises(BadImageError, match=reason):
             decode_image(data, 10_000)
+
+
+def test_the_client_sends_raw_pixels_as_npy():
+    rgb = random_image(5)
+    assert np.array_equal(np.load(io.BytesIO(image_bytes(rgb, "npy"))), rgb)
+    rgba = Image.fromarray(np.dstack([rgb, np.full(HW, 7, np.uint8)]))
+    sent = np.load(io.BytesIO(image_bytes(rgba, "npy")))
+    assert np.array_equal(sent, rgb)  # alpha dropped, as the server does with an RGBA PNG
+    assert np.array_equal(decode_image(image_bytes(rgba), 10_000), rgb)
+    assert image_bytes(b"\x89PNG...", "npy") == b"\x89PNG..."  # bytes go as they are
+    with pytest.raises(ValueError, match="image_format must be 'png' or 'npy'"):
+        image_bytes(rgb, "tiff")
 
 
 # ------------------------------------------------------------------------ server: basics
