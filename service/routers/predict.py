@@ -133,9 +133,11 @@ async def _serve(svc: Service, lm: LoadedModel, body: PredictBody, state: dict[s
     pref, key = sel.preference, sel.key
 
     # Inline (Service.io) only when the image *decodes* small: its header says how many pixels.
-    # A file's header is read where it lies; base64 text is decoded here only when short.
-    short = len(body.image) <= svc.settings.inline_io_bytes
-    data = body.image if isinstance(body.image, bytes) else body.image_bytes() if short else None
+    if isinstance(body.image, bytes):  # a file: its header is read where it lies
+        data: bytes | None = body.image
+    else:  # base64 text: decoded on the loop only when short
+        short = len(body.image) <= svc.settings.inline_io_bytes
+        data = body.image_bytes() if short else None
     pixels = declared_pixels(data) if data is not None else None
 
     def decode() -> torch.Tensor:
