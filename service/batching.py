@@ -6,7 +6,9 @@ group (same batch key) whose oldest image has waited longest, lets it fill for u
 While every worker is busy, images accumulate, so batches grow with load by themselves.
 
 The queue is bounded: :meth:`Batcher.submit` refuses at once (``OverloadedError``, 503 +
-Retry-After) when ``max_queue`` images wait. A job whose request timed out is skipped.
+Retry-After) when ``max_queue`` images wait. A job whose request timed out is skipped. A lone
+image whose batch key ran quickly last time may run at once on the event loop instead
+(:meth:`Batcher.submit`'s ``inline_s``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -33,6 +36,9 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
 
+
+#: Keys whose last batch time is kept (each a few hundred bytes).
+MAX_TIMED_KEYS = 1024
 
 #: ``run(payloads) -> one result per payload`` (runs on a worker thread).
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
@@ -63,6 +69,10 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._free = asyncio.Semaphore(workers)
         self._dispatcher: asyncio.Task | None = None
+        self._running = 0  # batches on the worker threads
+        # How long the last batch of each key took (seconds, LRU-bounded): which lone images
+        # are quick enough to run on the event loop (:meth:`submit`'s ``inline_s``).
+        self._seconds: OrderedDict[Hashable, float] = OrderedDict()
 
     @property
     def depth(self) -> int:
@@ -86,9 +96,19 @@ class Batcher:
         self._groups.clear()
         self._set_depth(0)
 
-    def submit(self, key: Hashable, payload: Any, limit: int | None = None) -> Job:
+    def submit(
+        self, key: Hashable, payload: Any, limit: int | None = None, inline_s: float = 0.0
+    ) -> Job:
         """Queue one image; raises :class:`OverloadedError` at once when the queue is full
-        (``limit`` images waiting; ``max_queue`` by default)."""
+        (``limit`` images waiting; ``max_queue`` by default).
+
+        ``inline_s`` > 0 (a lone request, docs/service.md "Where the time goes"): when no batch
+        waits or runs and the last batch of ``key`` took at most ``inline_s`` seconds, the
+        image runs at once on the calling thread, the event loop, and the job comes back done.
+        A hop to a worker thread and back costs ~0.2-0.3 ms, and a batch window would only
+        wait for images that are not coming."""
+        if inline_s > 0 and self._idle() and self._seconds.get(key, math.inf) <= inline_s:
+            return self._run_inline(key, payload)
         if self._depth >= (self.max_queue if limit is None else limit):
             if self._metrics is not None:
                 self._metrics.queue_rejections.inc()
@@ -101,6 +121,25 @@ class Batcher:
         self._set_depth(self._depth + 1)
         self._arrived.set()
         return job
+
+    def _idle(self) -> bool:
+        return self._running == 0 and not self._groups
+
+    def _run_inline(self, key: Hashable, payload: Any) -> Job:
+        job = Job(key, payload, asyncio.get_running_loop().create_future())
+        job.started = job.enqueued
+        try:
+            job.future.set_result(self._run([payload])[0])
+        except Exception as exc:
+            job.future.set_exception(exc)
+        self._took(key, time.perf_counter() - job.started)
+        return job
+
+    def _took(self, key: Hashable, seconds: float) -> None:
+        self._seconds[key] = seconds
+        self._seconds.move_to_end(key)
+        if len(self._seconds) > MAX_TIMED_KEYS:
+            self._seconds.popitem(last=False)
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -155,6 +194,7 @@ class Batcher:
         now = time.perf_counter()
         for job in batch:
             job.started = now
+        self._running += 1
         loop = asyncio.get_running_loop()
         try:
             running = loop.run_in_executor(self._executor, self._run, [j.payload for j in batch])
@@ -168,6 +208,9 @@ class Batcher:
         # ahead of the requests' continuations, so the next batch starts without waiting
         # for them (docs/benchmarks.md, "Issue 15, item 4").
         self._free.release()
+        self._running -= 1
+        # A batch of several images overstates one image's time: the bound errs on the thread.
+        self._took(batch[0].key, time.perf_counter() - (batch[0].started or 0.0))
         if running.cancelled():
             outcome: BaseException | list[Any] = asyncio.CancelledError()
         else:

@@ -70,9 +70,10 @@ async def run_images(
     hw = (int(xs[0].shape[-2]), int(xs[0].shape[-1]))
     group = (svc.generation, key, subset.indices, hw)
     jobs = []
+    inline_s = svc.inline_model_s(len(xs))
     try:
         for x in xs:
-            jobs.append(svc.batcher.submit(group, (lm, runner, x), queue_limit))
+            jobs.append(svc.batcher.submit(group, (lm, runner, x), queue_limit, inline_s))
         # Cancelling the wait (the deadline) cancels the jobs' futures: the batcher skips them.
         futures = [job.future for job in jobs]
         one = len(futures) == 1  # a lone image needs no gather

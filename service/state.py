@@ -200,6 +200,13 @@ class Service:
         alone = self.in_flight <= 1 and not side_by_side
         return alone and data_bytes <= s.idle_inline_bytes
 
+    def inline_model_s(self, images: int) -> float:
+        """How quick (seconds) a request's batch must have been last time to run its image on
+        the event loop (:meth:`Batcher.submit`): ``idle_inline_model_ms`` for the only
+        prediction in flight with one image, else 0 (never)."""
+        alone = self.in_flight <= 1 and images == 1
+        return self.settings.idle_inline_model_ms / 1000.0 if alone else 0.0
+
     # -- admission ------------------------------------------------------------------------------
     def _not_ready(self) -> NotReadyError:
         return NotReadyError(

@@ -119,6 +119,125 @@ def test_a_failing_batch_fails_each_of_its_jobs_and_frees_the_worker():
     assert out[2] == "after"
 
 
+def inline_runs(steps: list[tuple[str, float]], *, seconds: float = 0.0, fail: bool = False):
+    """Submit one job per ``(key, inline_s)`` step, each after the previous finished: the thread
+    each ran on (``seconds``: how long ``fn`` takes)."""
+    import time
+
+    def fn(batch: list[str]) -> list[str]:
+        time.sleep(seconds)
+        if fail:
+            raise ValueError("the model failed")
+        return [threading.current_thread().name for _ in batch]
+
+    async def main() -> list:
+        with ThreadPoolExecutor(1, thread_name_prefix="worker") as ex:
+            b = Batcher(fn, ex, workers=1, max_batch=4, max_wait_s=0.0, max_queue=64)
+            b.start()
+            out = []
+            for key, inline_s in steps:
+                job = b.submit(key, "x", None, inline_s)
+                done_at_once = job.future.done()
+                try:
+                    out.append((await job.future, done_at_once))
+                except ValueError as exc:
+                    out.append((exc, done_at_once))
+            await b.stop()
+            return out
+
+    return asyncio.run(main())
+
+
+def test_a_lone_quick_image_runs_on_the_loop_once_its_key_has_been_timed():
+    loop_thread = threading.current_thread().name
+    ran = inline_runs([("a", 0.5), ("a", 0.5), ("b", 0.5), ("a", 0.0), ("a", 0.5)])
+    assert [done for _, done in ran] == [False, True, False, False, True]
+    assert ran[0][0] == "worker_0"  # never timed: the worker thread, which times it
+    assert ran[1][0] == loop_thread  # timed quick: at once, on the calling thread
+    assert ran[2][0] == "worker_0"  # another key: not timed yet
+    assert ran[3][0] == "worker_0"  # inline_s 0: never on the loop
+    assert ran[4][0] == loop_thread
+
+
+def test_an_image_slower_than_the_bound_stays_on_the_worker():
+    ran = inline_runs([("a", 0.02), ("a", 0.02), ("a", 0.02)], seconds=0.03)
+    assert [(t, done) for t, done in ran] == [("worker_0", False)] * 3
+
+
+def test_an_inline_failure_fails_its_job():
+    ran = inline_runs([("a", 1.0), ("a", 1.0)], fail=True)
+    assert [type(r) for r, _ in ran] == [ValueError, ValueError]
+    assert [done for _, done in ran] == [False, True]
+
+
+def test_a_busy_batcher_queues_even_a_quick_image():
+    """While a batch runs on the worker, or images wait, nothing runs on the loop: the loop
+    must keep feeding the worker."""
+    release = threading.Event()
+
+    def fn(batch: list[str]) -> list[str]:
+        if "hold" in batch:
+            release.wait(5)
+        return [threading.current_thread().name for _ in batch]
+
+    async def main() -> list[str]:
+        with ThreadPoolExecutor(1, thread_name_prefix="worker") as ex:
+            b = Batcher(fn, ex, workers=1, max_batch=1, max_wait_s=0.0, max_queue=64)
+            b.start()
+            await b.submit("a", "x", None, 1.0).future  # timed
+            held = b.submit("h", "hold")
+            while b.depth:  # the dispatcher hands it to the worker
+                await asyncio.sleep(0.001)
+            busy = b.submit("a", "x", None, 1.0)
+            queued = b.submit("a", "x", None, 1.0)  # one image waits already, too
+            assert not busy.future.done() and not queued.future.done()
+            release.set()
+            out = [await held.future, await busy.future, await queued.future]
+            await b.stop()
+            return out
+
+    assert asyncio.run(main()) == ["worker_0"] * 3
+
+
+def test_inline_model_s_is_the_bound_only_for_a_lone_one_image_request():
+    svc = Service(Settings(idle_inline_model_ms=10))
+    svc.in_flight = 1
+    assert svc.inline_model_s(1) == pytest.approx(0.010)
+    assert svc.inline_model_s(2) == 0.0  # a request of two images: they batch together
+    svc.in_flight = 2
+    assert svc.inline_model_s(1) == 0.0
+    svc = Service(Settings(idle_inline_model_ms=0))
+    svc.in_flight = 1
+    assert svc.inline_model_s(1) == 0.0
+
+
+@pytest.mark.parametrize("idle_inline_model_ms", [0.0, 10_000.0])
+def test_a_lone_requests_model_runs_on_the_loop_from_its_second_request(
+    tmp_path, monkeypatch, idle_inline_model_ms
+):
+    """On a real server, one client: the first prediction of a preference runs on an
+    inference thread (and is timed), the next on the event loop, unless the bound is 0."""
+    threads: list[str] = []
+    run_batch = Service._run_batch
+
+    def recording(self: Service, payloads: list) -> list:
+        threads.append(threading.current_thread().name)
+        return run_batch(self, payloads)
+
+    monkeypatch.setattr(Service, "_run_batch", recording)
+    settings = {"idle_inline_model_ms": idle_inline_model_ms, "max_batch_size": 4}
+    image = random_image(1, HW)
+    with running(save_tiny(tmp_path), **settings) as srv, DymuClient(srv.url) as c:
+        first = c.predict(image, r=[0.6, 0.3, 0.1], c=0.5, format="npz")
+        second = c.predict(image, r=[0.6, 0.3, 0.1], c=0.5, format="npz")
+    for task, out in first.outputs.items():
+        np.testing.assert_allclose(second.outputs[task], out, rtol=1e-5, atol=1e-6)
+    infer = [t.startswith("dymu-infer") for t in threads[-2:]]
+    assert infer == [True, idle_inline_model_ms == 0.0]
+    if idle_inline_model_ms:
+        assert second.metrics.queue_ms == 0.0  # no batch window
+
+
 def test_decoded_ids_are_cached_but_an_altered_id_still_fails():
     ids = PreferenceIds.create(list(TASKS), "scenes-small", "v5")
     pid = ids.encode(ids.parse([0.6, 0.3, 0.1], 0.5)[1])
