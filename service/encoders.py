@@ -13,9 +13,10 @@ reader decodes it: it is a standard PNG (IHDR, one IDAT, IEND). Deflate and CRC-
 zlib-ng (the ``zlib-ng`` package, the stdlib zlib's API): at level 1 it deflates ~1.8x faster
 and its CRC-32 is vectorized (docs/benchmarks.md, "Issue 15, item 2").
 
-``.npz`` (:func:`npz_bytes`): the archive ``numpy.savez`` writes (uncompressed ZIP of ``.npy``
-members), built from the arrays' own buffers with one copy (the final join) instead of three;
-``numpy.load`` reads it.
+``.npz`` (:func:`npz_parts`): the archive ``numpy.savez`` writes (uncompressed ZIP of ``.npy``
+members), as a list of buffers: the ZIP and ``.npy`` headers, and the arrays' own memory. The
+server writes them to the socket as they are (service/responses.py); ``numpy.load`` reads the
+joined bytes.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ class _Buffer:
         self.data += data
 
 
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """An uncompressed ``.npz`` of ``arrays`` (member ``<name>.npy`` each)."""
+def npz_parts(arrays: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+    """An uncompressed ``.npz`` of ``arrays`` (member ``<name>.npy`` each) as the buffers that
+    ``b"".join`` makes the file of: headers, and views of the arrays' memory (C-contiguous
+    arrays are not copied; the views keep them alive)."""
     chunks: list[bytes | memoryview] = []
     central: list[bytes] = []
     offset = 0
@@ -111,4 +114,4 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
         offset += len(local) + len(fname) + size
     directory = b"".join(central)
     end = _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0)
-    return b"".join([*chunks, directory, end])
+    return [*chunks, directory + end]

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - a serving install has it; Pillow decod
 
 from dymu.normalization import DATASET_NORMALIZATION, IMAGENET
 
-from .encoders import npz_bytes, png_bytes
+from .encoders import npz_parts, png_bytes
 from .errors import BadImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 # Our own pixel limit is checked before decoding; PIL's global bomb check would only warn.
@@ -279,7 +279,10 @@ def encode_task(kind: str, out: np.ndarray, classes: int | None) -> dict[str, An
     }
 
 
-def encode_npz(outputs: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> bytes:
-    """Float32 arrays per task (no batch axis) and the metrics as a JSON string ``_metrics``."""
+def encode_npz(
+    outputs: Mapping[str, np.ndarray], metrics: Mapping[str, Any]
+) -> list[bytes | memoryview]:
+    """Float32 arrays per task (no batch axis) and the metrics as a JSON string ``_metrics``:
+    the ``.npz``'s buffers (``b"".join`` them for the file; the server sends them as they are)."""
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}
-    return npz_bytes({**arrays, "_metrics": np.array(json.dumps(dict(metrics)))})
+    return npz_parts({**arrays, "_metrics": np.array(json.dumps(dict(metrics)))})

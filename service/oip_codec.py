@@ -298,17 +298,19 @@ def preference_fields(
 
 
 # -------------------------------------------------------------------------------------- reply
-def encode_reply(
+def reply_parts(
     header: dict[str, Any], outputs: dict[str, np.ndarray], binary: dict[str, bool]
-) -> tuple[bytes, int | None]:
-    """The reply body and, when some output is binary, the JSON header's length."""
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The reply body as buffers (``b"".join`` them for the bytes) and, when some output is
+    binary, the JSON header's length: the JSON header, then each binary tensor's own memory
+    (service/responses.py sends them without a copy)."""
     tensors: list[dict[str, Any]] = []
     chunks: list[memoryview] = []
     for name, arr in outputs.items():
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
         if binary.get(name):
-            # the array's own bytes (no copy until the one join below)
+            # the array's own bytes, not copied
             data = memoryview(arr.astype("<f4", copy=False).reshape(-1).view(np.uint8))
             tensor["parameters"] = {BINARY_SIZE: data.nbytes}
             chunks.append(data)
@@ -317,8 +319,8 @@ def encode_reply(
         tensors.append(tensor)
     text = json.dumps({**header, "outputs": tensors}, separators=(",", ":")).encode()
     if not chunks:
-        return text, None
-    return b"".join([text, *chunks]), len(text)
+        return [text], None
+    return [text, *chunks], len(text)
 
 
 def error_body(message: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.encoders import npz_bytes, png_bytes
+from service.encoders import npz_parts, png_bytes
 from service.imaging import encode_npz
 
 RNG = np.random.default_rng(0)
@@ -45,7 +45,10 @@ def test_npz_reads_back_as_numpy_writes_it():
         "empty": np.zeros((0, 3), np.float32),
         "_metrics": np.array(json.dumps({"x": 1})),
     }
-    data = npz_bytes(arrays)
+    parts = npz_parts(arrays)
+    views = [np.frombuffer(p, np.uint8) for p in parts if len(p)]
+    assert any(np.shares_memory(v, arrays["a"]) for v in views)  # its own memory, not a copy
+    data = b"".join(parts)
     assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None  # every CRC checks
     with np.load(io.BytesIO(data)) as z:
         assert sorted(z.files) == sorted(arrays)
@@ -54,7 +57,7 @@ def test_npz_reads_back_as_numpy_writes_it():
 
 
 def test_encode_npz_keeps_float32_and_metrics():
-    data = encode_npz({"depth": np.ones((1, 2, 3), np.float64)}, {"model_ms": 1.5})
+    data = b"".join(encode_npz({"depth": np.ones((1, 2, 3), np.float64)}, {"model_ms": 1.5}))
     with np.load(io.BytesIO(data)) as z:
         assert z["depth"].dtype == np.float32 and z["depth"].shape == (1, 2, 3)
         assert json.loads(str(z["_metrics"])) == {"model_ms": 1.5}

@@ -1,20 +1,24 @@
-"""A response's head and body in one write (service/server.py, ``CoalescedWrites``): the
-wrapper on a recording transport, then uvicorn with dymu's protocol on loopback, where a
-head sent before a slow body must still arrive at once (docs/service.md, "Where the time
-goes")."""
+"""How replies are written (docs/service.md, "Where the time goes"): a response's head and
+body in one write (service/server.py, ``CoalescedWrites``), on a recording transport and then
+under uvicorn with dymu's protocol on loopback, where a head sent before a slow body must
+still arrive at once; and a body sent as a list of buffers (service/responses.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
 import uvicorn
 
+from service.responses import SMALL_PART, PartsResponse, merged
 from service.server import CoalescedWrites, uvicorn_config
 from service.settings import Settings
 
@@ -144,19 +148,28 @@ async def slow_body(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"late", "more_body": False})
 
 
-@pytest.fixture()
-def slow_server() -> Iterator[int]:
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[int]:
+    """``app`` under uvicorn with dymu's protocol on a free loopback port: the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(slow_body, Settings(), log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, Settings(), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture()
+def slow_server() -> Iterator[int]:
+    with serving(slow_body) as port:
+        yield port
 
 
 def test_a_head_sent_before_a_slow_body_arrives_at_once(slow_server):
@@ -171,3 +184,43 @@ def test_a_head_sent_before_a_slow_body_arrives_at_once(slow_server):
     assert head.startswith(b"HTTP/1.1 200") and b"x-a: 1" in head
     assert t_head < 0.4  # not held until the body
     assert b"late" in rest and b"late" not in head
+
+
+# ------------------------------------------------------------------- a body sent as parts
+PARTS = [b"head:", memoryview(np.arange(300_000, dtype=np.float32).view(np.uint8)), b"", b":end"]
+
+
+async def parts_app(scope: dict, receive: Any, send: Any) -> None:
+    """Plain ASGI: ``/`` answers :data:`PARTS`, ``/empty`` no parts at all."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    parts = PARTS if scope["path"] == "/" else []
+    headers = {"x-parts": str(len(parts))}
+    await PartsResponse(parts, headers=headers, media_type="application/x-npz")(
+        scope, receive, send
+    )
+
+
+def test_a_body_of_parts_is_their_join_with_its_length():
+    with serving(parts_app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(2):  # and again on the kept-alive connection
+            reply = http.get("/")
+            assert reply.status_code == 200
+            assert reply.content == b"".join(PARTS)
+            assert reply.headers["content-length"] == str(len(b"".join(PARTS)))
+            assert reply.headers["content-type"] == "application/x-npz"
+            assert reply.headers["x-parts"] == "4"
+        empty = http.get("/empty")
+        assert empty.content == b"" and empty.headers["content-length"] == "0"
+
+
+def test_small_parts_are_joined_and_large_ones_kept():
+    big = memoryview(bytearray(SMALL_PART))
+    out = merged([b"a", b"", b"b", big, b"c", big, b"d", b"e"])
+    assert out[0] == b"ab" and out[1] is big and out[2] == b"c" and out[3] is big
+    assert out[4] == b"de" and len(out) == 5
+    assert merged([]) == [] and merged([b""]) == []

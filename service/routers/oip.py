@@ -40,11 +40,12 @@ from ..inference import Ran, deadline, run_images
 from ..oip_codec import (
     IMAGE,
     InferRequest,
-    encode_reply,
     error_body,
     parse_request,
+    reply_parts,
     split_body,
 )
+from ..responses import Part, PartsResponse
 from ..runtime import LoadedModel, TaskSubset
 from ..state import Service, service_of
 
@@ -186,8 +187,8 @@ async def infer(request: Request, svc: Service, model: str, version: str | None)
             reply_of, svc, lm, req, ran, at, wanted, t0, data_bytes=rgb_bytes
         )
     if json_size is None:
-        return Response(body, media_type="application/json")
-    return Response(
+        return PartsResponse(body, media_type="application/json")
+    return PartsResponse(
         body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_size)}
     )
 
@@ -216,9 +217,9 @@ def reply_of(
     at: tuple[TaskSubset, tuple[int, int]],
     wanted: list[str],
     t0: float,
-) -> tuple[bytes, int | None]:
-    """The reply's body (and JSON header length when binary): cost, parameters, outputs;
-    ``at``: the task subset that ran and the input size."""
+) -> tuple[list[Part], int | None]:
+    """The reply's body as buffers (and the JSON header's length when binary): cost,
+    parameters, outputs; ``at``: the task subset that ran and the input size."""
     subset, hw = at
     arrays0 = ran.outs[0].arrays
     n = len(ran.outs)
@@ -248,7 +249,7 @@ def reply_of(
         for t in wanted
     }
     binary_out = {t: req.binary.get(t, req.binary_default) for t in wanted}
-    return encode_reply(reply, arrays, binary_out)
+    return reply_parts(reply, arrays, binary_out)
 
 
 def outputs_of(lm: LoadedModel, req: InferRequest) -> tuple[TaskSubset, list[str]]:

@@ -26,6 +26,7 @@ from ..errors import ERROR_RESPONSES
 from ..imaging import declared_pixels, decode_image, encode_npz, encode_task
 from ..inference import deadline, run_images
 from ..parsing import PredictBody, parse_predict
+from ..responses import Part, PartsResponse
 from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
 from ..schemas import (
     CACHE_HEADER,
@@ -157,8 +158,8 @@ async def _respond(
     names, specs = s.subset.names, lm.task_specs
     io = partial(svc.io, data_bytes=s.hw[0] * s.hw[1] * 3)  # inline for a small image
     if req.format == "npz":  # one hop to an I/O thread: the cost, then the archive
-        metrics, payload = await io(_npz_reply, svc, lm, s, t0)
-        return Response(payload, media_type=NPZ_MEDIA_TYPE, headers=_headers(metrics, s))
+        metrics, parts = await io(_npz_reply, svc, lm, s, t0)
+        return PartsResponse(parts, media_type=NPZ_MEDIA_TYPE, headers=_headers(metrics, s))
     # The cost and one PNG per task, encoded in parallel (zlib releases the GIL).
     side = partial(io, side_by_side=True)
     jobs = [side(lm.cost, s.entry.architecture, s.hw, s.subset)]
@@ -202,7 +203,9 @@ def prediction_json(outputs: dict[str, dict[str, Any]], metrics: dict[str, Any])
     return b"".join([*pieces, rest])
 
 
-def _npz_reply(svc: Service, lm: LoadedModel, s: Served, t0: float) -> tuple[RequestMetrics, bytes]:
+def _npz_reply(
+    svc: Service, lm: LoadedModel, s: Served, t0: float
+) -> tuple[RequestMetrics, list[Part]]:
     cost = lm.cost(s.entry.architecture, s.hw, s.subset)
     svc.metrics.flops.inc(cost.flops)
     metrics = _metrics(lm, s, cost, t0)
