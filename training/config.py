@@ -55,6 +55,14 @@ class AnchorStage(_Strict):
         "'Stream selection'). None: the streams end where the steps end, as in the paper",
     )
     select_images: int = Field(default=512, ge=2, description="calibration images it measures")
+    mixing: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of a second loss per step: every task read through one random tree "
+        "of the streams (each node's parent stream drawn at random), so that a node serves the "
+        "other tasks' upper layers too and shared trees cost less; 0: the paper's independent "
+        "streams (docs/training.md, 'Path mixing')",
+    )
 
 
 class TrunkStage(_Strict):

@@ -37,6 +37,7 @@ _STREAM_ID = {
         (
             "anchor", "affinity", "edge", "weight", "edge-pref", "weight-pref",
             "baseline", "baseline-pref", "trunk", "edge-paths", "stream-selection",
+            "anchor-mixing",
         )
     )
 }  # fmt: skip

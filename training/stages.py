@@ -58,6 +58,42 @@ class SharedTrunk(nn.Module):
         return self.anchor.forward_tree(x, self.tree)
 
 
+class MixedPaths(nn.Module):
+    """The anchor read through its own streams and through one more tree (stage 0 with
+    ``mixing``; one module, so DDP can wrap it)."""
+
+    def __init__(self, anchor: AnchorNet) -> None:
+        super().__init__()
+        self.anchor = anchor
+
+    def forward(
+        self, x: torch.Tensor, tree: Architecture
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.anchor(x), self.anchor.forward_tree(x, tree)
+
+
+def mixing_tree(run: Run, step: int) -> Architecture:
+    """The random tree of stage 0's step ``step`` (every node's parent stream uniform)."""
+    anchor = run.model.anchor
+    gen = step_generator(run.config.seed, "anchor-mixing", step)
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    return Architecture.random(anchor.n_tasks, anchor.num_layers, seed=seed)
+
+
+def mixed_paths_loss(run: Run, weight: float) -> Callable[..., tuple[torch.Tensor, dict]]:
+    """Stage 0 with path mixing: sum_i w_i L_i of the streams, plus ``weight`` x the same
+    sum read through :func:`mixing_tree` (docs/training.md, "Path mixing")."""
+
+    def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.autocast():
+            own, mixed = net(batch["image"], mixing_tree(run, step))
+        total, per_task = weighted_task_loss(run.tasks, own, batch, None)
+        mixed_total, _ = weighted_task_loss(run.tasks, mixed, batch, None)
+        return total + weight * mixed_total, {**task_stats(per_task), "mixed": mixed_total.item()}
+
+    return loss_fn
+
+
 def copy_trunk(anchor: AnchorNet) -> None:
     """Stream 0's layers below the top (the trained trunk) into every other stream."""
     for j in range(1, anchor.n_tasks):
@@ -93,17 +129,19 @@ def stage_trunk(run: Run, start: int, opt_state: Any = None) -> None:
 
 def stage_anchor(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 0: each stream trained alone on its own task (sum of independent losses); with
-    ``select_every``, each ends at its lowest calibration loss (training/selection.py)."""
+    ``select_every``, each ends at its lowest calibration loss (training/selection.py); with
+    ``mixing``, a random tree's loss is added at each step (:func:`mixed_paths_loss`)."""
     cfg, anchor = run.config.anchor, run.model.anchor
     selector = StreamSelector.begin(run, start) if cfg.select_every else None
+    mixing = cfg.mixing > 0
     train_stage(
         run,
         "anchor",
-        anchor,
+        MixedPaths(anchor) if mixing else anchor,
         cfg,
         start,
         opt_state,
-        all_tasks_loss(run),
+        mixed_paths_loss(run, cfg.mixing) if mixing else all_tasks_loss(run),
         lambda s: cfg.lr,
         weight_decay=cfg.weight_decay,
         after_step=selector.observe if selector else None,
