@@ -71,11 +71,11 @@ class CoalescedWrites:
                 self._transport.writelines((held, data))
                 return
             self._transport.write(held)
-        if held is None and len(data) <= self.HOLD_BYTES:
+        elif len(data) <= self.HOLD_BYTES:
             self._held = bytes(data)
             asyncio.get_running_loop().call_soon(self.flush)
-        else:
-            self._transport.write(data)
+            return
+        self._transport.write(data)
 
     def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         for chunk in chunks:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -122,8 +123,6 @@ def test_a_failing_batch_fails_each_of_its_jobs_and_frees_the_worker():
 def inline_runs(steps: list[tuple[str, float]], *, seconds: float = 0.0, fail: bool = False):
     """Submit one job per ``(key, inline_s)`` step, each after the previous finished: the thread
     each ran on (``seconds``: how long ``fn`` takes)."""
-    import time
-
     def fn(batch: list[str]) -> list[str]:
         time.sleep(seconds)
         if fail:
