@@ -117,6 +117,15 @@ def test_the_cli_prints_the_map_and_writes_it_as_json(tiny_artifact, tmp_path, c
     strong = json.loads(out.read_text())["by_c"]
     assert strong["1.0"]["mean_fraction"] < strong["0.0"]["mean_fraction"]
     assert 0 < strong["1.0"]["mean_fraction"] < 1
+    # lambda_A in the table's units: 1 is the full-sharing pull, and c = 1 shares most
+    table_args = ["--pull-scale", "table", "--lambda-active", "1", "--json", str(out)]
+    assert main([*args, *table_args]) == 0
+    assert "pull_scale table: 1 x the full-sharing pull" in capsys.readouterr().out
+    scaled = json.loads(out.read_text())
+    assert scaled["pull_scale"] == "table" and scaled["sharing_pull"] > 0
+    assert scaled["lambda_active"] == pytest.approx(scaled["sharing_pull"])
+    fractions = [v["mean_fraction"] for v in scaled["by_c"].values()]
+    assert fractions[2] < fractions[0] and fractions == sorted(fractions, reverse=True)
 
 
 def test_the_cli_rejects_bad_input_with_one_line(tiny_artifact, tmp_path, capsys):

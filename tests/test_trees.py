@@ -5,19 +5,27 @@ import itertools
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import dymu
 from dymu.architecture import Architecture
 from dymu.errors import ConfigError
 from dymu.hypernets import EdgeHypernet
-from dymu.preference import sample_simplex
+from dymu.preference import sample_preferences, sample_simplex
 from training.branching import RegularizerSwitches
 from training.config import load_config
 from training.data import build_dataset
 from training.paths import all_paths, batched_regularizer, expected_task_losses
 from training.pipeline import run_training
 from training.stages import EdgeObjective, edge_trees_loss
-from training.trees import MAX_TREES, TooManyTreesError, TreeTable, hard_trees, tree_parents
+from training.trees import (
+    MAX_TREES,
+    TooManyTreesError,
+    TreeTable,
+    full_sharing_pull,
+    hard_trees,
+    tree_parents,
+)
 
 from .test_paths import path_of
 
@@ -136,6 +144,56 @@ def test_best_trees_follow_r_and_c():
     assert corner == ((1, 1, 1),) * 3
 
 
+def _random_table(seed: int) -> TreeTable:
+    n, layers = 3, 3
+    g = torch.Generator().manual_seed(seed)
+    table = 1 + 0.5 * torch.rand(n, n ** (layers - 1), generator=g, dtype=torch.float64)
+    aff = torch.rand(n, n, generator=g, dtype=torch.float64)
+    return TreeTable.build(table, layers, aff, 0.2, RegularizerSwitches())
+
+
+def _active_terms(tt: TreeTable, r: torch.Tensor) -> torch.Tensor:
+    """(B, K) L_active of every tree, read off the objective (its c-linear part)."""
+    ones = torch.ones(len(r), dtype=torch.float64)
+    return tt.objective(r, ones, 1.0, 0.1) - tt.objective(r, 0 * ones, 1.0, 0.1)
+
+
+def _most_shared(tt: TreeTable, r: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    l_act = _active_terms(tt, r)
+    return l_act[torch.arange(len(r)), best] <= l_act.min(-1).values + 1e-12
+
+
+def test_the_sharing_pull_is_where_a_most_shared_tree_starts_to_win():
+    tt = _random_table(3)
+    r = sample_simplex(3, 1.0, torch.Generator().manual_seed(4), count=64).double()
+    pull = tt.sharing_pull(r, 0.1)
+    # just above its pull every preference's best tree is one of its most shared
+    assert _most_shared(tt, r, tt.best(r, pull * 1.001 + 1e-12, 1.0, 0.1)).all()
+    # just below it, a less shared tree still wins
+    pos = pull > 0
+    assert pos.sum() > 10 and (~pos).any()  # one active task: nothing to pull, pull 0
+    below = tt.best(r[pos], pull[pos] * 0.999, 1.0, 0.1)
+    assert not _most_shared(tt, r[pos], below).any()
+
+
+def test_the_full_sharing_pull_makes_c_1_share_at_every_dense_preference():
+    tt = _random_table(5)
+    pull = full_sharing_pull(tt, 0.1, seed=7, count=256)
+    r = torch.tensor([r for r, _ in sample_preferences(3, 256, 7)], dtype=torch.float64)
+    ones = torch.ones(len(r), dtype=torch.float64)
+    assert _most_shared(tt, r, tt.best(r, ones, pull * 1.001, 0.1)).all()
+    assert not _most_shared(tt, r, tt.best(r, ones, pull * 0.99, 0.1)).all()
+    assert pull == pytest.approx(float(tt.sharing_pull(r, 0.1).max()))
+
+
+def test_the_table_pull_needs_the_tree_estimator():
+    edge = load_config("scenes-tiny").edge
+    with pytest.raises(ValidationError, match='needs estimator = "trees"'):
+        type(edge).model_validate({**edge.model_dump(), "pull_scale": "table"})
+    table = {**edge.model_dump(), "pull_scale": "table", "estimator": "trees"}
+    assert type(edge).model_validate(table).pull_scale == "table"
+
+
 def test_edge_trees_loss_fits_the_hypernet_to_the_best_trees():
     n, layers = 2, 4
     g = torch.Generator().manual_seed(1)
@@ -186,7 +244,8 @@ def test_a_run_with_the_tree_estimator_logs_the_fit(tmp_path):
             "check_preferences": 0,
             "edge": base.edge.model_copy(
                 update={"estimator": "trees", "path_images": 4, "preferences": 8,
-                        "path_scale": "single-task", "steps": 6}
+                        "path_scale": "single-task", "steps": 6, "pull_scale": "table",
+                        "lambda_active": 0.5}
             ),
         }
     )  # fmt: skip
@@ -195,6 +254,10 @@ def test_a_run_with_the_tree_estimator_logs_the_fit(tmp_path):
     )
     model = dymu.load(vdir)
     assert model.manifest["training"]["config"]["edge"]["estimator"] == "trees"
+    # the table's unit of lambda_A, measured and applied, is in the artifact's record
+    edge = model.manifest["training"]["stages"]["edge"]
+    assert edge["sharing_pull"] > 0
+    assert edge["lambda_active_applied"] == pytest.approx(0.5 * edge["sharing_pull"])
     with open(tmp_path / "r" / "train_log.csv") as fh:
         rows = [row for row in csv.DictReader(fh) if row["stage"] == "edge"]
     assert rows and all(0.0 <= float(row["tree_agreement"]) <= 1.0 for row in rows)

@@ -148,8 +148,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_train)
 
 
-
-
 def add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -188,6 +186,7 @@ def _tree_map(args: argparse.Namespace) -> int:
         tau=args.tau,
         lambda_active=args.lambda_active,
         lambda_inactive=args.lambda_inactive,
+        pull_scale=args.pull_scale,
     )
     options = MapOptions(c_values=args.c, points=args.points, preferences=args.preferences)
     device = resolve_device(args.device)
@@ -217,6 +216,13 @@ def add_tree_map_command(sub: argparse._SubParsersAction) -> None:
         ("--lambda-inactive", "lambda_I (default: the config's)"),
     ):
         p.add_argument(flag, type=float, default=None, help=what)
+    p.add_argument(
+        "--pull-scale",
+        choices=("absolute", "table"),
+        default=None,
+        help="lambda_A as written, or in units of the table's full-sharing pull (default: the "
+        "config's)",
+    )
     p.add_argument("--c", type=_c_values, default=(0.0, 0.5, 1.0), help="default 0,0.5,1")
     p.add_argument("--points", type=at_least(2), default=11, help="points per marginal line")
     p.add_argument(

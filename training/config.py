@@ -127,6 +127,14 @@ class EdgeStage(HypernetStage):
     temperature_every: int | None = Field(default=None, ge=1, description="default: 1% of steps")
     lambda_active: float = Field(default=1.0, ge=0)
     lambda_inactive: float = Field(default=0.1, ge=0)
+    pull_scale: Literal["absolute", "table"] = Field(
+        default="absolute",
+        description="absolute: lambda_A as written (the paper); table: lambda_A in units of the "
+        "pull c lambda_A from which the path table's most shared trees are best at every dense "
+        "preference, so c = 1 with lambda_A = 1 buys all the sharing there is to buy whatever "
+        "sharing costs these streams (trees estimator; docs/training.md, 'A pull in the "
+        "table's units')",
+    )
     tau: float | None = Field(default=None, gt=0, description="default 0.6 / N")
     regularize_samples: bool = Field(
         default=False,
@@ -179,6 +187,14 @@ class EdgeStage(HypernetStage):
 
     def temperature_period(self) -> int:
         return self.temperature_every or max(1, round(self.steps * 300 / PAPER_STEPS))
+
+    @model_validator(mode="after")
+    def _table_pull_needs_the_table(self) -> EdgeStage:
+        if self.pull_scale == "table" and self.estimator != "trees":
+            raise ValueError(
+                f'[edge] pull_scale = "table" needs estimator = "trees" (got "{self.estimator}")'
+            )
+        return self
 
 
 class WeightStage(HypernetStage):

@@ -36,7 +36,7 @@ from .paths import batched_regularizer, expected_task_losses, own_path_losses, p
 from .run import Run, step_generator
 from .selection import StreamSelector
 from .tasks import weighted_task_loss
-from .trees import TreeTable
+from .trees import TreeTable, full_sharing_pull
 
 #: r ~ Dir(1): the dense share of the path estimator's preferences (uniform on the simplex).
 DENSE_ETA = 1.0
@@ -360,14 +360,20 @@ def stage_edge_paths(run: Run, start: int, opt_state: Any = None) -> None:
 
 
 def edge_trees_loss(
-    net: nn.Module, objective: EdgeObjective, trees: TreeTable, gen: torch.Generator
+    net: nn.Module,
+    objective: EdgeObjective,
+    trees: TreeTable,
+    gen: torch.Generator,
+    lambda_active: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One step of stage 1 with the tree table: cross-entropy of the hypernet's parent logits
     against each sampled preference's best hard tree, on the nodes that tree uses
-    (training/trees.py)."""
+    (training/trees.py). ``lambda_active``: the pull's weight as applied (default: the
+    config's; :func:`applied_lambda_active`)."""
     cfg = objective.cfg
+    lam = cfg.lambda_active if lambda_active is None else lambda_active
     r, c = edge_preferences(cfg, len(objective.tasks), gen, objective.affinity.device)
-    best = trees.best(r, c, cfg.lambda_active, cfg.lambda_inactive)
+    best = trees.best(r, c, lam, cfg.lambda_inactive)
     target, used = trees.parents[best].to(r.device), trees.used[best].to(r.device)
     logits = net(r, c).float()
     ce = nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
@@ -381,6 +387,17 @@ def edge_trees_loss(
     return loss, stats
 
 
+def applied_lambda_active(cfg: EdgeStage, trees: TreeTable, seed: int) -> tuple[float, dict]:
+    """lambda_A as the objective applies it, and what the choice measured: the config's value,
+    or with ``pull_scale = "table"`` that value times the table's full-sharing pull
+    (training/trees.py, :func:`full_sharing_pull`)."""
+    if cfg.pull_scale == "absolute":
+        return cfg.lambda_active, {}
+    pull = full_sharing_pull(trees, cfg.lambda_inactive, seed)
+    applied = cfg.lambda_active * pull
+    return applied, {"sharing_pull": pull, "lambda_active_applied": applied}
+
+
 def stage_edge_trees(run: Run, start: int, opt_state: Any = None) -> None:
     """Stage 1 with the tree-table estimator (``[edge] estimator = "trees"``)."""
     cfg, model = run.config.edge, run.model
@@ -389,10 +406,13 @@ def stage_edge_trees(run: Run, start: int, opt_state: Any = None) -> None:
     trees = TreeTable.build(
         path_table(run), model.n_layers, objective.affinity, objective.tau, objective.switches
     )
+    lam, measured = applied_lambda_active(cfg, trees, run.config.seed)
+    if measured:
+        run.notes["edge"] = measured
 
     def loss_fn(net: nn.Module, step: int, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return edge_trees_loss(
-            net, objective, trees, step_generator(run.config.seed, "edge-pref", step)
+            net, objective, trees, step_generator(run.config.seed, "edge-pref", step), lam
         )
 
     train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)

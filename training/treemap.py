@@ -37,7 +37,7 @@ from dymu.store import read_manifest, resolve
 from .config import TrainConfig
 from .evaluation.loop import marginal_grid
 from .run import Run
-from .stages import EdgeObjective, path_table, stage_affinity
+from .stages import EdgeObjective, applied_lambda_active, path_table, stage_affinity
 from .trees import TreeTable
 
 #: Relative slack of the monotonicity check: table losses are floats summed over images.
@@ -55,7 +55,7 @@ class MapOptions:
     seed: int = 11
 
 
-def with_edge(config: TrainConfig, **overrides: float | None) -> TrainConfig:
+def with_edge(config: TrainConfig, **overrides: float | str | None) -> TrainConfig:
     """``config`` with ``[edge]`` fields replaced (None keeps the config's), validated as the
     TOML file would be."""
     updates = {k: v for k, v in overrides.items() if v is not None}
@@ -186,7 +186,9 @@ def tree_map(run: Run, table: torch.Tensor, options: MapOptions = MapOptions()) 
         return costs[k]
 
     names = [t.name for t in run.tasks]
-    result = map_trees(trees, names, fraction, (cfg.lambda_active, cfg.lambda_inactive), options)
+    lam, measured = applied_lambda_active(cfg, trees, run.config.seed)
+    result = map_trees(trees, names, fraction, (lam, cfg.lambda_inactive), options)
+    result.update(measured, pull_scale=cfg.pull_scale)
     result["path_scale"] = cfg.path_scale
     result["table_split"] = table_split(run)
     result["path_images"] = cfg.path_images
@@ -223,7 +225,14 @@ def markdown(result: dict[str, Any]) -> str:
     """The map as text: the mean cost per c, then each task's line (its own loss, the cost)."""
     names = result["tasks"]
     lines = [
-        f"tau {result['tau']:g}, lambda_A {result['lambda_active']:g}, "
+        f"tau {result['tau']:g}, lambda_A {result['lambda_active']:g}"
+        + (
+            f" (pull_scale table: {result['lambda_active'] / result['sharing_pull']:g} x the "
+            f"full-sharing pull {result['sharing_pull']:g})"
+            if result.get("sharing_pull")
+            else ""
+        )
+        + ", "
         f"lambda_I {result['lambda_inactive']:g}; table: {result.get('path_images', '?')} "
         f"{result.get('table_split', '?')} images, path_scale {result.get('path_scale', '?')}",
         "",

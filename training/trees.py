@@ -27,12 +27,16 @@ import torch
 from torch import Tensor
 
 from dymu.errors import ConfigError
+from dymu.preference import sample_preferences
 
 from .branching import RegularizerSwitches
 from .paths import active_mask, regularizer_terms
 
 #: Enumeration stops beyond this many trees: the estimator is for small N and L.
 MAX_TREES = 500_000
+
+#: Dense preferences (r ~ Dir(1)) on which ``pull_scale = "table"`` measures the sharing pull.
+PULL_PREFERENCES = 4096
 
 
 class TooManyTreesError(ConfigError):
@@ -128,19 +132,55 @@ class TreeTable:
         parents, used = tree_parents(trees)
         return cls(parents, used, losses, l_act.T, l_inact.T, tau, switches)
 
+    def _code(self, r: Tensor) -> Tensor:
+        """(B,): the row of each preference's active set in the terms tables."""
+        active = active_mask(r, self.tau, self.switches.dichotomy)
+        return (active.long() * 2 ** torch.arange(r.shape[-1])).sum(-1)
+
     def objective(
         self, r: Tensor, c: Tensor, lambda_active: float, lambda_inactive: float
     ) -> Tensor:
         """(B, K): the edge objective of every tree for each preference (r (B, N), c (B,))."""
         r, c = r.double().cpu(), c.double().cpu()
-        active = active_mask(r, self.tau, self.switches.dichotomy)
-        code = (active.long() * 2 ** torch.arange(r.shape[-1])).sum(-1)
+        code = self._code(r)
         return (
             r @ self.task_losses.T
             + c.unsqueeze(-1) * lambda_active * self.active_terms[code]
             + lambda_inactive * self.inactive_terms[code]
         )
 
+    def sharing_pull(self, r: Tensor, lambda_inactive: float) -> Tensor:
+        """(B,): for each preference, the least pull t = c lambda_A from which the objective's
+        best tree is one of the most shared trees (the least L_active for r's active set).
+
+        Tree k beats the best most-shared tree s while base_k + t L_k < base_s + t L_s, i.e.
+        for t < (base_s - base_k) / (L_k - L_s); the pull is the largest such crossing (0 when
+        a most-shared tree is already best at t = 0).
+        """
+        r = r.double().cpu()
+        code = self._code(r)
+        base = r @ self.task_losses.T + lambda_inactive * self.inactive_terms[code]
+        l_act = self.active_terms[code]
+        least = l_act.min(-1, keepdim=True).values
+        most_shared = l_act <= least + 1e-12
+        goal = base.masked_fill(~most_shared, float("inf")).min(-1, keepdim=True).values
+        crossing = ((goal - base) / (l_act - least).masked_fill(most_shared, 1.0)).masked_fill(
+            most_shared, 0.0
+        )
+        return crossing.clamp_min(0.0).max(-1).values
+
     def best(self, r: Tensor, c: Tensor, lambda_active: float, lambda_inactive: float) -> Tensor:
         """(B,): the index of each preference's best tree (the objective's arg-min)."""
         return self.objective(r, c, lambda_active, lambda_inactive).argmin(-1)
+
+
+def full_sharing_pull(
+    table: TreeTable, lambda_inactive: float, seed: int, count: int = PULL_PREFERENCES
+) -> float:
+    """The pull c lambda_A from which the most shared trees are best at every one of ``count``
+    dense preferences r ~ Dir(1) (seeded): ``pull_scale = "table"``'s unit of lambda_A, so that
+    c = 1 with lambda_A = 1 buys all the sharing the table offers and c spans the whole trade
+    (docs/training.md, "A pull in the table's units")."""
+    n = table.task_losses.shape[1]
+    r = torch.tensor([r for r, _ in sample_preferences(n, count, seed)], dtype=torch.float64)
+    return float(table.sharing_pull(r, lambda_inactive).max())
