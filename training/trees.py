@@ -132,21 +132,22 @@ class TreeTable:
         parents, used = tree_parents(trees)
         return cls(parents, used, losses, l_act.T, l_inact.T, tau, switches)
 
-    def _code(self, r: Tensor) -> Tensor:
-        """(B,): the row of each preference's active set in the terms tables."""
+    def _terms(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, K) each: the task term r . w T, L_active and L_inactive of every tree, the last
+        two for each preference's active set (r (B, N), float64 on the CPU)."""
         active = active_mask(r, self.tau, self.switches.dichotomy)
-        return (active.long() * 2 ** torch.arange(r.shape[-1])).sum(-1)
+        code = (active.long() * 2 ** torch.arange(r.shape[-1])).sum(-1)
+        return r @ self.task_losses.T, self.active_terms[code], self.inactive_terms[code]
 
     def objective(
         self, r: Tensor, c: Tensor, lambda_active: float, lambda_inactive: float
     ) -> Tensor:
         """(B, K): the edge objective of every tree for each preference (r (B, N), c (B,))."""
-        r, c = r.double().cpu(), c.double().cpu()
-        code = self._code(r)
+        task, l_act, l_inact = self._terms(r.double().cpu())
         return (
-            r @ self.task_losses.T
-            + c.unsqueeze(-1) * lambda_active * self.active_terms[code]
-            + lambda_inactive * self.inactive_terms[code]
+            task
+            + c.double().cpu().unsqueeze(-1) * lambda_active * l_act
+            + lambda_inactive * l_inact
         )
 
     def sharing_pull(self, r: Tensor, lambda_inactive: float) -> Tensor:
@@ -157,10 +158,8 @@ class TreeTable:
         for t < (base_s - base_k) / (L_k - L_s); the pull is the largest such crossing (0 when
         a most-shared tree is already best at t = 0).
         """
-        r = r.double().cpu()
-        code = self._code(r)
-        base = r @ self.task_losses.T + lambda_inactive * self.inactive_terms[code]
-        l_act = self.active_terms[code]
+        task, l_act, l_inact = self._terms(r.double().cpu())
+        base = task + lambda_inactive * l_inact
         least = l_act.min(-1, keepdim=True).values
         most_shared = l_act <= least + 1e-12
         goal = base.masked_fill(~most_shared, float("inf")).min(-1, keepdim=True).values
