@@ -208,6 +208,14 @@ class WeightStage(HypernetStage):
         "preferences for the same images (docs/training.md, 'The weight stage's images and "
         "preferences')",
     )
+    delta_penalty: float = Field(
+        default=0.0,
+        ge=0,
+        description="beta of a penalty beta x mean(dgamma^2 + dbeta^2) over the used nodes' BN "
+        "deltas, added to each preference's loss: a task's adaptation then grows with its "
+        "weight r_i, so its loss falls as r_i rises (0: the paper; docs/training.md, 'Deltas "
+        "that follow r')",
+    )
     images: Literal["training", "calibration"] = Field(
         default="training",
         description="the split stage 2 trains on: the training split (the paper), or the "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dymu.anchor import AnchorNet
+from dymu.anchor import AnchorNet, BNDeltas
 from dymu.architecture import Architecture
 from dymu.config import TaskSpec
 from dymu.errors import ConfigError
@@ -459,12 +459,32 @@ def weight_loss(
         with run.autocast():
             out = model.anchor.forward_tree(group["image"], arch, deltas)
         total, losses = weighted_task_loss(run.tasks, out, group, r)
+        if cfg.delta_penalty:
+            channels = model.weight_hypernet.num_bn_channels
+            total = total + cfg.delta_penalty * delta_penalty(deltas, channels)
         totals.append(total)
         for name, value in losses.items():
             per_task.setdefault(name, []).append(value)
     # Groups weigh alike, not by image count: each is one sample of E_(r,c)[sum_i r_i w_i L_i].
     stats = {name: torch.stack(v).mean() for name, v in per_task.items()}
     return torch.stack(totals).mean(), task_stats(stats)
+
+
+def delta_penalty(deltas: BNDeltas, channels: int) -> torch.Tensor:
+    """sum(dgamma^2 + dbeta^2) over ``deltas`` / (2 x ``channels``), the hypernet's whole BN
+    layout: the mean square delta, each channel priced alike whatever tree reads it
+    (``[weight] delta_penalty``).
+
+    A departure from App. G (docs/training.md, "Deltas that follow r"): with beta times this
+    beside sum_i r_i w_i L_i, the best deltas of a node only task i reads shrink as r_i falls
+    (a quadratic model gives r_i / (r_i + const)), so a task's adaptation, and its loss,
+    follow its preference; without it those deltas have one optimum for every r_i > 0.
+    """
+    pairs = [pair for bns in deltas.values() for pair in bns.values()]
+    squares = [g.square().sum() + b.square().sum() for g, b in pairs]
+    if not squares:
+        raise ValueError("delta_penalty: no BN deltas (the tree's nodes have no BatchNorm)")
+    return torch.stack(squares).sum() / (2 * channels)
 
 
 def batch_groups(batch: dict, count: int) -> list[dict]:
