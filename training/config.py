@@ -211,8 +211,9 @@ class WeightStage(HypernetStage):
     delta_penalty: float = Field(
         default=0.0,
         ge=0,
-        description="beta of a penalty beta x mean(dgamma^2 + dbeta^2) over the used nodes' BN "
-        "deltas, added to each preference's loss: a task's adaptation then grows with its "
+        description="beta of a penalty beta x sum(dgamma^2 + dbeta^2) over the used nodes' BN "
+        "deltas / (2 x the layout's channels), added to each preference's loss (every channel "
+        "priced alike, whatever tree reads it): a task's adaptation then grows with its "
         "weight r_i, so its loss falls as r_i rises (0: the paper; docs/training.md, 'Deltas "
         "that follow r')",
     )
