@@ -23,16 +23,26 @@ def _weight_run(tmp_path, **weight):
     return prepared_run(tmp_path, config, ("weight",))
 
 
-def test_each_group_is_scored_by_the_model_served_for_its_own_preference(tmp_path):
-    run = _weight_run(tmp_path, preferences=3, dense_fraction=0.5, batch_size=5)
+def _perturbed_loss(tmp_path, **weight):
+    """A weight-stage run whose hypernet's deltas are away from zero (so a group read with the
+    wrong r, or a missing penalty, shows), a batch of ``batch_size`` scenes, and its step-7 loss."""
+    run = _weight_run(tmp_path, **weight)
     model = run.model.eval()
-    with torch.no_grad():  # deltas away from zero, so a group read with the wrong r shows
+    torch.manual_seed(3)
+    with torch.no_grad():
         for p in model.weight_hypernet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    data = build_dataset("scenes", "train", n=5, seed=11, size=tuple(run.config.input_size))
-    batch = collate([data[i] for i in range(5)])
+    n = run.config.weight.batch_size
+    data = build_dataset("scenes", "train", n=n, seed=11, size=tuple(run.config.input_size))
+    batch = collate([data[i] for i in range(n)])
     with torch.no_grad():
         total, _ = weight_loss(run, model.weight_hypernet, 7, batch)
+    return run, batch, total
+
+
+def test_each_group_is_scored_by_the_model_served_for_its_own_preference(tmp_path):
+    run, batch, total = _perturbed_loss(tmp_path, preferences=3, dense_fraction=0.5, batch_size=5)
+    model = run.model
     gen = step_generator(run.config.seed, "weight-pref", 7)
     prefs = step_preferences(model.n_tasks, 3, 0.5, run.config.weight.eta, gen)
     groups = batch_groups(batch, 3)
@@ -143,23 +153,9 @@ def test_the_delta_penalty_is_the_mean_square_over_the_whole_layout():
         delta_penalty({}, channels=8)
 
 
-def _perturbed_loss(tmp_path, beta):
-    run = _weight_run(tmp_path, preferences=2, delta_penalty=beta, batch_size=4)
-    model = run.model.eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.weight_hypernet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    data = build_dataset("scenes", "train", n=4, seed=11, size=tuple(run.config.input_size))
-    batch = collate([data[i] for i in range(4)])
-    with torch.no_grad():
-        total, _ = weight_loss(run, model.weight_hypernet, 7, batch)
-    return run, total
-
-
 def test_the_delta_penalty_adds_beta_times_each_preferences_mean_square_delta(tmp_path):
-    _, plain = _perturbed_loss(tmp_path / "a", 0.0)
-    run, priced = _perturbed_loss(tmp_path / "b", 3.0)
+    _, _, plain = _perturbed_loss(tmp_path / "a", preferences=2, delta_penalty=0.0, batch_size=4)
+    run, _, priced = _perturbed_loss(tmp_path / "b", preferences=2, delta_penalty=3.0, batch_size=4)
     hyper = run.model.weight_hypernet
     prefs = step_preferences(run.model.n_tasks, 2, 0.0, run.config.weight.eta,
                              step_generator(run.config.seed, "weight-pref", 7))  # fmt: skip
