@@ -15,6 +15,7 @@ from training.evaluation.metrics import (
     hypervolume,
     reference_point,
     uniformity,
+    uniformity_reach,
 )
 
 
@@ -116,3 +117,23 @@ def test_reference_points_follow_task_order_and_explain_themselves():
         reference_point("mnist", ["a"])
     with pytest.raises(ValueError, match="no value for task"):
         reference_point("scenes", ["segmentation", "edges"])
+
+
+def test_uniformity_reach_of_a_point_is_its_uniformity():
+    u = uniformity([0.6, 0.4], [1.0, 3.0])
+    assert uniformity_reach([0.6, 0.4], [1.0, 3.0], [1.0, 3.0]) == pytest.approx((u, u))
+
+
+def test_uniformity_reach_searches_inside_the_box():
+    # r = (0.5, 0.5): uniformity is 1 where L_1 = L_2. The box [1, 2] x [1.5, 1.5] holds that
+    # point (L_1 = 1.5) only inside, at t = 0.5; both corners are below 1.
+    lo, hi = uniformity_reach([0.5, 0.5], [1.0, 1.5], [2.0, 1.5], steps=11)
+    assert hi == pytest.approx(1.0)
+    corners = [uniformity([0.5, 0.5], [x, 1.5]) for x in (1.0, 2.0)]
+    assert max(corners) < 0.999
+    assert lo == pytest.approx(min(corners))
+
+
+def test_uniformity_reach_rejects_mismatched_bounds():
+    with pytest.raises(ValueError, match="same length"):
+        uniformity_reach([0.5, 0.5], [1.0, 1.0], [1.0, 1.0, 1.0])

@@ -5,6 +5,8 @@
   :data:`EXACT_MAX_OBJECTIVES` objectives, with moocore's deterministic approximation beyond
   (exact HV of 20 points in 20 objectives, the CIFAR-100 setting, takes over a minute).
 * :func:`uniformity` — ``μ_r = 1 − KL(L̂ ‖ 1/N)``, ``L̂_j = r_j L_j / Σ_i r_i L_i`` (§4.1).
+* :func:`uniformity_reach` — the lowest and highest uniformity over a box of loss vectors (how far
+  a part of the model that moves each loss within known bounds could move uniformity).
 * :data:`REFERENCE_POINTS` — the reference point of every benchmark, with the reason for it.
 
 **Loss vectors.** Every loss vector here is ``(w_1 L_1, …, w_N L_N)``: the unscaled split-level
@@ -15,6 +17,7 @@ of the objective ``Σ_i r_i w_i L_i`` that every method is trained on. The paper
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ __all__ = [
     "hypervolume",
     "reference_point",
     "uniformity",
+    "uniformity_reach",
 ]
 
 #: Up to this many objectives the hypervolume is exact (moocore.hypervolume); beyond, approximate.
@@ -188,6 +192,27 @@ def uniformity(r: Sequence[float], losses: Sequence[float]) -> float:
     nz = hat > 0
     kl = float((hat[nz] * np.log(hat[nz] * r_.size)).sum())
     return 1.0 - kl
+
+
+def uniformity_reach(
+    r: Sequence[float], low: Sequence[float], high: Sequence[float], steps: int = 11
+) -> tuple[float, float]:
+    """The (lowest, highest) :func:`uniformity` at ``r`` over losses ``L_j`` anywhere between
+    ``low_j`` and ``high_j``, each task on its own, on a grid of ``steps`` points per task.
+
+    Uniformity is not monotone in any one loss (raising ``L_j`` helps while ``r_j L_j`` is below
+    the others' and hurts after), so the box is searched, not its corners. docs/results-training.md
+    (row 63) uses it for the reach of the BN deltas: each loss between the adapted and the
+    unadapted model's, on the same tree.
+    """
+    lo = np.asarray(low, dtype=np.float64).reshape(-1)
+    hi = np.asarray(high, dtype=np.float64).reshape(-1)
+    if lo.shape != hi.shape or steps < 2:
+        raise ValueError("low and high must have the same length, and steps must be >= 2")
+    t = np.linspace(0.0, 1.0, steps)
+    grid = itertools.product(t, repeat=lo.size)
+    values = [uniformity(r, lo + np.array(point) * (hi - lo)) for point in grid]
+    return min(values), max(values)
 
 
 def _constant_predictor_losses(benchmark: str) -> dict[str, float]:
