@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "on the event loop instead of an inference thread: the hop costs ~0.2-0.3 ms and a batch "
         "window waits for no one (0: never)",
     )
+    gil_switch_interval_ms: float = Field(
+        0.5,
+        ge=0,
+        description="the interpreter's switch interval while the service runs (Python's is 5 ms): "
+        "how long an inference thread back from the model waits for the GIL while the event "
+        "loop runs Python (0: keep the interpreter's)",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers must arrive within this (else closed)"

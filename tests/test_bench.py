@@ -220,6 +220,8 @@ def test_request_path_fields(tiny_run):
     rd = load["rounds"][0]
     assert rd["images"] > 0 and 1 <= rd["batch"] <= 8 and rd["model_images_per_s"] > 0
     assert load["ratio"] == rd["ratio"] > 0
+    # the server's model time over the window (its /metrics), one inference thread: (0, 1]
+    assert 0 < rd["model_busy"] <= 1.1
     if (report["config"]["threads"] or len(os.sched_getaffinity(0))) > 1:  # a worker per core
         assert load["workers"] == str(report["config"]["threads"] or len(os.sched_getaffinity(0)))
         assert 1 <= rd["workers_batch"] <= 8 and load["workers_ratio"] == rd["workers_ratio"] > 0

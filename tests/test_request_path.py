@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from service.errors import BadImageError, MalformedPreferenceIdError, UnknownPre
 from service.imaging import declared_pixels
 from service.prefid import PreferenceIds
 from service.settings import Settings
-from service.state import Service
+from service.state import Service, gil_switch_interval, restore_switch_interval
 
 from .test_service import HW, png, random_image, running, save_tiny
 
@@ -235,6 +236,41 @@ def test_a_lone_requests_model_runs_on_the_loop_from_its_second_request(
     assert infer == [True, idle_inline_model_ms == 0.0]
     if idle_inline_model_ms:
         assert second.metrics.queue_ms == 0.0  # no batch window
+
+
+def test_a_running_server_shortens_the_switch_interval_and_restores_it(tmp_path):
+    before = sys.getswitchinterval()
+    with running(save_tiny(tmp_path), gil_switch_interval_ms=0.25) as server:
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        with DymuClient(server.url) as client:  # and it serves
+            assert client.predict(random_image(HW), r=[1, 0, 0]).outputs
+    assert sys.getswitchinterval() == before
+
+
+def test_a_switch_interval_of_zero_leaves_the_interpreters(tmp_path):
+    before = sys.getswitchinterval()
+    with running(save_tiny(tmp_path), gil_switch_interval_ms=0):
+        assert sys.getswitchinterval() == before
+
+
+def test_a_switch_interval_set_by_someone_else_meanwhile_is_left_alone():
+    before = sys.getswitchinterval()
+    saved = gil_switch_interval(0.3)
+    try:
+        sys.setswitchinterval(0.002)  # another party's choice, after the service's
+        restore_switch_interval(saved)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_the_switch_interval_comes_from_the_environment_and_is_not_negative(monkeypatch):
+    assert Settings().gil_switch_interval_ms == 0.5
+    monkeypatch.setenv("DYMU_GIL_SWITCH_INTERVAL_MS", "2")
+    assert Settings().gil_switch_interval_ms == 2.0
+    monkeypatch.setenv("DYMU_GIL_SWITCH_INTERVAL_MS", "-1")
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        Settings()
 
 
 def test_decoded_ids_are_cached_but_an_altered_id_still_fails():

@@ -164,11 +164,13 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
     cfg = ctx.config
     rounds = []
     for _ in range(cfg.request_load_rounds):
-        seen = {}
+        seen, busy = {}, {}
         for label, server in servers.items():
             call = oip_call(served[label]["model"], rgb, served[label]["pid"])
             clients, seconds = cfg.request_clients, cfg.request_seconds
+            before = _model_seconds(server)
             seen[label] = asyncio.run(closed_loop("127.0.0.1", server.port, call, clients, seconds))
+            busy[label] = (_model_seconds(server) - before) / seen[label].wall_s
         res = seen["this tree"]
         per_batch = _mean_batch(res)
         batch = max(1, round(per_batch))
@@ -182,6 +184,7 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
             "batch": batch,
             "model_images_per_s": model_ips,
             "ratio": res.images_per_s / model_ips,
+            "model_busy": busy["this tree"],
             "p50_ms": float(np.percentile(res.latencies_s, 50) * 1e3),
             "p95_ms": float(np.percentile(res.latencies_s, 95) * 1e3),
             "model_samples_s": alone,
@@ -189,6 +192,7 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
         if "baseline" in seen:
             rd["baseline_images_per_s"] = seen["baseline"].images_per_s
             rd["baseline_ratio"] = seen["baseline"].images_per_s / model_ips
+            rd["baseline_model_busy"] = busy["baseline"]
         if WORKERS in seen:  # against the model alone at the batch that server formed
             wb = max(1, round(_mean_batch(seen[WORKERS])))
             w_alone = alone if wb == batch else _model_alone(
@@ -214,6 +218,22 @@ def against_model(ctx: Context, backend: str, servers: dict[str, ServerProcess],
         out["workers"] = servers[WORKERS].env.get("DYMU_INFERENCE_WORKERS")
         out["workers_ratio"] = statistics.median(rd["workers_ratio"] for rd in rounds)
     return out
+
+
+def _model_seconds(server: ServerProcess) -> float:
+    """The server's model time so far: the sum of its ``dymu_model_inference_seconds``. Over a
+    load window, its growth / the window is how busy the model kept its inference thread."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "dymu_model_inference_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_sum")
+    )
 
 
 def _mean_batch(res: Any) -> float:
@@ -322,6 +342,7 @@ def markdown(result: dict[str, Any]) -> str:
             + "\n"
         )
         heads = ["server img/s", "mean batch", "model alone img/s at batch", "ratio", "p50 ms"]
+        heads += ["model busy", "baseline: img/s, ratio, model busy"]
         rows = [
             [
                 fmt(rd["server_images_per_s"], 1),
@@ -329,6 +350,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{fmt(rd['model_images_per_s'], 1)} at {rd['batch']}",
                 fmt(rd["ratio"]),
                 fmt(rd["p50_ms"], 1),
+                _share(rd.get("model_busy")),
+                _baseline_load(rd),
             ]
             for rd in ld["rounds"]
         ]
@@ -338,6 +361,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{x * 100:+.0f} %"
+
+
+def _share(x: float | None) -> str:
+    return "" if x is None else f"{x * 100:.0f} %"
+
+
+def _baseline_load(rd: dict[str, Any]) -> str:
+    if "baseline_images_per_s" not in rd:
+        return ""
+    busy = _share(rd.get("baseline_model_busy"))
+    return f"{fmt(rd['baseline_images_per_s'], 1)}, {fmt(rd['baseline_ratio'])}, {busy}"
 
 
 register_case("request_path", 5, "Request path: overhead and 16 clients vs the model", markdown)(
