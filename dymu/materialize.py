@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,14 +51,14 @@ def clone_module(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _adapted_copy(module: nn.Module, deltas: dict | None, fold_bn: bool) -> nn.Module:
-    module = clone_module(module).eval()
+    module = clone_module(module)
     for name, (dgamma, dbeta) in (deltas or {}).items():
         bn = module.get_submodule(name)
         bn.weight.add_(dgamma.to(bn.weight))
         bn.bias.add_(dbeta.to(bn.bias))
     if fold_bn:
         fold_batchnorm_(module)
-    return module.requires_grad_(False)
+    return module.eval().requires_grad_(False)  # after folding: the Identity it leaves too
 
 
 class MaterializedModel(nn.Module):
@@ -72,7 +73,11 @@ class MaterializedModel(nn.Module):
         bn_deltas: BNDeltas | None = None,
         fold_bn: bool = True,
         preference: Preference | None = None,
+        folded: FoldedAnchor | None = None,
     ) -> None:
+        """``folded``: take the folded, unadapted nodes and heads from it (shared with every
+        tree built from it) instead of copying and folding them here; nodes with deltas and
+        unfolded trees are still copied."""
         super().__init__()
         if (architecture.n_tasks, architecture.n_layers) != (anchor.n_tasks, anchor.num_layers):
             raise ValueError("architecture does not fit the anchor net")
@@ -85,14 +90,18 @@ class MaterializedModel(nn.Module):
         self._cost_model = cost_model
         used = architecture.used_nodes(self.task_indices)
         deltas = bn_deltas or {}
+        shared = folded if fold_bn else None
 
         self.nodes = nn.ModuleDict()
         # (node, parent node or None for the image), in topological order.
         self._plan: list[tuple[Node, Node | None]] = []
         for layer, streams in enumerate(used):
             for j in streams:
-                self.nodes[_key(layer, j)] = _adapted_copy(
-                    anchor.node(layer, j), deltas.get((layer, j)), fold_bn
+                own = deltas.get((layer, j))
+                self.nodes[_key(layer, j)] = (
+                    shared.node(layer, j)
+                    if shared is not None and not own
+                    else _adapted_copy(anchor.node(layer, j), own, fold_bn)
                 )
                 parent = None if layer == 0 else (layer - 1, architecture.parent(layer, j))
                 self._plan.append(((layer, j), parent))
@@ -101,7 +110,11 @@ class MaterializedModel(nn.Module):
         self._head_taps: list[tuple[str, list[Node]]] = []
         for j in used[-1]:
             name = anchor.task_names[j]
-            self.heads[name] = _adapted_copy(anchor.head(j), None, fold_bn)
+            self.heads[name] = (
+                shared.head(j)
+                if shared is not None
+                else _adapted_copy(anchor.head(j), None, fold_bn)
+            )
             self._head_taps.append((name, [(t, architecture.ancestor(t, j)) for t in anchor.taps]))
 
         # Drop each intermediate output after its last reader, so peak memory follows the tree.
@@ -114,7 +127,10 @@ class MaterializedModel(nn.Module):
         for node, step in last_use.items():
             if node not in tapped:
                 self._free_after[step].append(node)
-        self.eval()
+        # Every node and head is an eval-mode copy already (shared ones too): walking them all
+        # again with eval() took half of a new tree's build.
+        for module in (self, self.nodes, self.heads):
+            module.training = False
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_image(x, self.in_channels)
@@ -144,10 +160,17 @@ class MaterializedModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------ fast switch
-#: A module's hook registries: a copy gets empty ones, so hooking it never reaches the original.
+#: A module's hook registries and their types: a copy gets empty ones, so hooking it never
+#: reaches the original.
 _HOOK_DICTS = tuple(
-    k for k, v in nn.Module().__dict__.items() if "hooks" in k and isinstance(v, dict)
+    (k, type(v)) for k, v in nn.Module().__dict__.items() if "hooks" in k and isinstance(v, dict)
 )
+
+
+def _frozen_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    # What nn.Parameter(tensor, requires_grad=False) does, without its Python layers: a switch
+    # makes one per adapted weight and bias (docs/benchmarks.md, "Issue 15, item 1").
+    return torch.Tensor._make_subclass(nn.Parameter, tensor, False)
 
 
 def share_module(
@@ -164,23 +187,113 @@ def share_module(
     """
     new = object.__new__(type(module))
     d = module.__dict__.copy()
-    for k in _HOOK_DICTS:
-        if k in d:
-            d[k] = type(d[k])()
-    own = replace.get(id(module))
-    params = d["_parameters"]
-    d["_parameters"] = (
-        {k: nn.Parameter(own[k], requires_grad=False) if k in own else p for k, p in params.items()}
-        if own
-        else dict(params)
-    )
+    for key, kind in _HOOK_DICTS:
+        d[key] = kind()
+    params = d["_parameters"] = dict(d["_parameters"])
+    for name, tensor in replace.get(id(module), {}).items():
+        if name in params:
+            params[name] = _frozen_parameter(tensor)
     d["_buffers"] = dict(d["_buffers"])
-    d["_modules"] = {
-        k: share_module(m, replace, copied) if m is not None and id(m) in copied else m
-        for k, m in d["_modules"].items()
-    }
+    children = d["_modules"] = dict(d["_modules"])
+    for name, child in children.items():  # same keys: no resize while iterating
+        if child is not None and id(child) in copied:
+            children[name] = share_module(child, replace, copied)
     object.__setattr__(new, "__dict__", d)
     return new
+
+
+@dataclass(frozen=True)
+class AdaptedNode:
+    """What a :class:`Skeleton` needs of one node the weight hypernet adapts; the same for
+    every tree that uses the node. Per adapted conv, in the order of the node's head: the id of
+    the conv in the folded node and its weight's shape, the anchor's unfolded weight as
+    (out channels, rest) rows; per channel (``vectors``, 4 x channels) gamma, beta,
+    sqrt(var + eps) and conv bias - running mean; the head's rows and biases for dgamma and
+    for dbeta; and ``inner``, the ids of the folded node's modules from the node down to each
+    adapted conv (the ones a new preference must copy)."""
+
+    convs: tuple[tuple[int, tuple[int, ...]], ...]
+    weight_rows: tuple[torch.Tensor, ...]
+    vectors: torch.Tensor
+    gamma_rows: torch.Tensor
+    beta_rows: torch.Tensor
+    gamma_bias: torch.Tensor
+    beta_bias: torch.Tensor
+    inner: frozenset[int]
+
+
+class FoldedAnchor:
+    """The anchor's nodes and heads, each copied and BN-folded once when a tree first needs it,
+    and each adapted node's :class:`AdaptedNode`: what every tree's :class:`Skeleton` shares.
+
+    A tree seen for the first time then only wires nodes that are already folded (and gathers
+    its adapted nodes' rows), where copying and folding them took most of its cost. The
+    shared modules are frozen (eval mode, no gradients) and never changed: a preference gets
+    shallow copies of the ones it adapts (:func:`share_module`).
+    """
+
+    def __init__(
+        self,
+        anchor: AnchorNet,
+        layout: Mapping[Node, Sequence[tuple[str, int]]],
+        delta_heads: Mapping[Node, nn.Linear],
+    ) -> None:
+        self.anchor = anchor
+        self.layout = layout
+        self.delta_heads = delta_heads
+        self._nodes: dict[Node, nn.Module] = {}
+        self._heads: dict[int, nn.Module] = {}
+        self._adapted: dict[Node, AdaptedNode] = {}
+
+    def node(self, layer: int, stream: int) -> nn.Module:
+        found = self._nodes.get((layer, stream))
+        if found is None:  # setdefault: two threads folding the same node keep one copy
+            made = _adapted_copy(self.anchor.node(layer, stream), None, True)
+            found = self._nodes.setdefault((layer, stream), made)
+        return found
+
+    def head(self, stream: int) -> nn.Module:
+        found = self._heads.get(stream)
+        if found is None:
+            found = self._heads.setdefault(
+                stream, _adapted_copy(self.anchor.head(stream), None, True)
+            )
+        return found
+
+    @torch.no_grad()
+    def adapted(self, node: Node) -> AdaptedNode:
+        found = self._adapted.get(node)
+        if found is None:
+            found = self._adapted.setdefault(node, self._adapt_parts(node))
+        return found
+
+    def _adapt_parts(self, node: Node) -> AdaptedNode:
+        folded, a_node = self.node(*node), self.anchor.node(*node)
+        head, width = self.delta_heads[node], sum(ch for _, ch in self.layout[node])
+        convs, rows, vecs, inner = [], [], [], {id(folded)}
+        for name, _ in self.layout[node]:
+            path = name.rsplit(".", 1)[0] if "." in name else ""
+            conv, bn = a_node.get_submodule(path)[0], a_node.get_submodule(path)[1]
+            target = folded.get_submodule(path)
+            convs.append((id(target[0]), tuple(conv.weight.shape)))
+            rows.append(conv.weight.detach().reshape(conv.weight.shape[0], -1))
+            b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            std = torch.sqrt(bn.running_var + bn.eps)
+            vecs.append(torch.stack([bn.weight, bn.bias, std, b - bn.running_mean]).detach())
+            parts = path.split(".") if path else []
+            inner |= {id(folded.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)}
+            inner.add(id(target[0]))
+        w, bias = head.weight.detach(), head.bias.detach()
+        return AdaptedNode(
+            tuple(convs),
+            tuple(rows),
+            torch.cat(vecs, dim=1),
+            w[:width],
+            w[width:],
+            bias[:width],
+            bias[width:],
+            frozenset(inner),
+        )
 
 
 class Skeleton:
@@ -195,56 +308,51 @@ class Skeleton:
     those heads' rows stacked into one matrix; :meth:`instantiate` then runs one matmul for all
     deltas and a handful of vector ops for all foldings (the same arithmetic as
     :meth:`~dymu.anchor.ConvBNAct.fold_`), and shares every other tensor (heads, nodes without
-    BN) with the template.
+    BN) with the template. The template's nodes come from a :class:`FoldedAnchor`, shared
+    with every other tree of that anchor.
     """
 
     def __init__(
         self,
-        anchor: AnchorNet,
+        folded: FoldedAnchor,
         architecture: Architecture,
         tasks: Sequence[int],
         cost_model: CostModel,
-        layout: Mapping[Node, Sequence[tuple[str, int]]],
-        heads: Mapping[Node, nn.Linear],
     ) -> None:
-        self.template = MaterializedModel(anchor, architecture, tasks, cost_model)
-        nodes = [n for n in architecture.node_list(self.template.task_indices) if n in layout]
-        convs, ws, vecs, rows = [], [], [], []
-        for node in nodes:
-            t_node, a_node = self.template.nodes[_key(*node)], anchor.node(*node)
-            head, width = heads[node], sum(ch for _, ch in layout[node])
-            offset = 0
-            for name, ch in layout[node]:
-                path = name.rsplit(".", 1)[0] if "." in name else ""
-                cba = a_node.get_submodule(path)
-                conv, bn = cba[0], cba[1]
-                convs.append((id(t_node.get_submodule(path)[0]), tuple(conv.weight.shape)))
-                ws.append(conv.weight.detach().reshape(-1))
-                b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                std = torch.sqrt(bn.running_var + bn.eps)
-                vecs.append(torch.stack([bn.weight, bn.bias, std, b - bn.running_mean]).detach())
-                sel = slice(offset, offset + ch)
-                g_w, b_w = head.weight[sel], head.weight[width + offset : width + offset + ch]
-                g_b, b_b = head.bias[sel], head.bias[width + offset : width + offset + ch]
-                rows.append((g_w, b_w, g_b, b_b))
-                offset += ch
-        self.convs = convs
-        self.copied = _ancestors(self.template, {conv_id for conv_id, _ in convs})
-        if not convs:  # a tree without BatchNorm: nothing to adapt or fold
-            vecs = [torch.zeros(4, 0)]
-            rows = [(torch.zeros(0, 1),) * 2 + (torch.zeros(0),) * 2]
-        self.chans = [shape[0] for _, shape in convs]
+        self.template = MaterializedModel(
+            folded.anchor, architecture, tasks, cost_model, folded=folded
+        )
+        used = architecture.node_list(self.template.task_indices)
+        parts = [folded.adapted(n) for n in used if n in folded.layout]
+        self.convs = [conv for p in parts for conv in p.convs]
+        self.copied = (
+            frozenset({id(self.template), id(self.template.nodes)}).union(*(p.inner for p in parts))
+            if self.convs
+            else frozenset()
+        )
+        self.chans = [shape[0] for _, shape in self.convs]
         # unfolded weights as (out channels, rest) rows, so a per-channel scale broadcasts
-        self.weight_rows = [w.reshape(ch, -1) for w, ch in zip(ws, self.chans)]
-        self.gamma, self.beta, self.std, self.shift = torch.cat(vecs, dim=1).unbind(0)
+        self.weight_rows = [w for p in parts for w in p.weight_rows]
+        if self.convs:
+            vectors = torch.cat([p.vectors for p in parts], dim=1)
+            gamma_rows, beta_rows = [p.gamma_rows for p in parts], [p.beta_rows for p in parts]
+            gamma_bias, beta_bias = [p.gamma_bias for p in parts], [p.beta_bias for p in parts]
+        else:  # a tree without BatchNorm: nothing to adapt or fold
+            vectors = torch.zeros(4, 0)
+            gamma_rows, beta_rows = [torch.zeros(0, 1)], [torch.zeros(0, 1)]
+            gamma_bias, beta_bias = [torch.zeros(0)], [torch.zeros(0)]
+        self.vectors = vectors
+        self.gamma, self.beta, self.std, self.shift = vectors.unbind(0)
         # [dgamma; dbeta] of every adapted channel = z @ delta_weight.T + delta_bias: one matmul
-        self.delta_weight = torch.cat([r[0] for r in rows] + [r[1] for r in rows]).detach()
-        self.delta_bias = torch.cat([r[2] for r in rows] + [r[3] for r in rows]).detach()
+        self.delta_weight = torch.cat(gamma_rows + beta_rows)
+        self.delta_bias = torch.cat(gamma_bias + beta_bias)
 
     @property
     def nbytes(self) -> int:
-        """Bytes this skeleton holds of its own (its folded template's weights)."""
-        return sum(t.numel() * t.element_size() for t in self.template.parameters())
+        """Bytes this skeleton holds of its own: its rows of the hypernet's heads and its
+        per-channel vectors (the folded nodes belong to the :class:`FoldedAnchor`)."""
+        own = (self.delta_weight, self.delta_bias, self.vectors)
+        return sum(t.numel() * t.element_size() for t in own)
 
     @property
     def n_channels(self) -> int:
@@ -277,14 +385,3 @@ class Skeleton:
         net = share_module(self.template, replace, self.copied)
         net.__dict__["preference"] = preference  # a plain attribute (Module.__setattr__ is slow)
         return net
-
-
-def _ancestors(root: nn.Module, targets: set[int]) -> frozenset[int]:
-    """Ids of the modules of ``root`` that are, or contain, a module whose id is in ``targets``."""
-    found: set[int] = set()
-    for name, module in root.named_modules(remove_duplicate=False):
-        if id(module) in targets:
-            parts = name.split(".") if name else []
-            for i in range(len(parts) + 1):
-                found.add(id(root.get_submodule(".".join(parts[:i]))))
-    return frozenset(found)

@@ -26,7 +26,7 @@ from .config import ConfigTasks, ModelConfig
 from .cost import Cost, CostModel
 from .errors import ArchitectureError
 from .hypernets import EdgeHypernet, WeightHypernet
-from .materialize import MaterializedModel, Skeleton
+from .materialize import FoldedAnchor, MaterializedModel, Skeleton
 from .preference import Preference, normalize_preference, resolve_tasks
 
 #: Folded trees a model keeps: at most this many, and (beyond the newest) at most
@@ -58,6 +58,9 @@ class ControllableModel(ConfigTasks, nn.Module):
         # Folded trees by (architecture id, task subset), LRU; see materialize().
         self._skeletons: OrderedDict[tuple[str, tuple[int, ...]], Skeleton] = OrderedDict()
         self._skeleton_stamp: tuple[int, int, int] | None = None
+        # The folded nodes every skeleton shares, and the anchor's bytes (the skeletons' budget).
+        self._folded: FoldedAnchor | None = None
+        self._anchor_bytes = 0
         self._skeleton_lock = threading.Lock()
 
     # -- description --------------------------------------------------------------------------
@@ -196,35 +199,36 @@ class ControllableModel(ConfigTasks, nn.Module):
     def _weights_stamp(self) -> tuple[int, int, int]:
         """Changes whenever a weight the skeletons were built from changes: an optimizer step
         or ``load_state_dict`` (in-place updates bump a tensor's version counter), ``.to()``
-        (new storage) or a parameter replaced by another. The module list is cached (a walk
-        of the module tree would cost more than the switch it guards); a module replaced by
-        another is not seen, which a loaded, frozen model never does."""
-        modules = self.__dict__.get("_stamp_modules")
-        if modules is None:
+        (new storage) or a parameter replaced by another. Each module's parameter and buffer
+        registries are cached (a walk of the module tree would cost more than the switch it
+        guards); a module replaced by another is not seen, which a loaded, frozen model never
+        does."""
+        registries = self.__dict__.get("_stamp_registries")
+        if registries is None:
             modules = (*self.anchor.modules(), *self.weight_hypernet.modules())
-            self.__dict__["_stamp_modules"] = modules
-        n = versions = pointers = 0
-        for m in modules:
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    n, versions, pointers = n + 1, versions + t._version, pointers + t.data_ptr()
-        return n, versions, pointers
+            registries = [d for m in modules for d in (m._parameters, m._buffers)]
+            self.__dict__["_stamp_registries"] = registries
+        tensors = [t for d in registries for t in d.values() if t is not None]
+        return len(tensors), sum(t._version for t in tensors), sum(t.data_ptr() for t in tensors)
 
     def _skeleton(self, arch: Architecture, task_idx: tuple[int, ...]) -> Skeleton:
         key = (arch.id, task_idx)
         stamp = self._weights_stamp()
         with self._skeleton_lock:
-            if stamp != self._skeleton_stamp:
+            if stamp != self._skeleton_stamp or self._folded is None:
                 self._skeletons.clear()
                 self._skeleton_stamp = stamp
+                wh = self.weight_hypernet
+                heads = {node: wh.heads[f"l{node[0]}_s{node[1]}"] for node in wh.layout}
+                self._folded = FoldedAnchor(self.anchor, wh.layout, heads)
+                self._anchor_bytes = _nbytes(self.anchor)
             found = self._skeletons.get(key)
             if found is not None:
                 self._skeletons.move_to_end(key)
                 return found
-        wh = self.weight_hypernet
-        heads = {node: wh.heads[f"l{node[0]}_s{node[1]}"] for node in wh.layout}
-        made = Skeleton(self.anchor, arch, task_idx, self.cost_model, wh.layout, heads)
-        budget = max(SKELETON_MIN_BYTES, 2 * _nbytes(self.anchor))
+            folded = self._folded
+        made = Skeleton(folded, arch, task_idx, self.cost_model)
+        budget = max(SKELETON_MIN_BYTES, 2 * self._anchor_bytes)
         with self._skeleton_lock:
             self._skeletons[key] = made
             while len(self._skeletons) > 1 and (

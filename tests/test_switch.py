@@ -126,3 +126,24 @@ def test_the_skeleton_cache_is_bounded(tiny_model):
     assert len(tiny_model._skeletons) == MAX_SKELETONS  # the oldest two trees were dropped
     assert (trees[0].id, (0, 1, 2)) not in tiny_model._skeletons
     assert (trees[-1].id, (0, 1, 2)) in tiny_model._skeletons
+
+
+def test_trees_share_their_folded_nodes_and_heads_and_stay_exact(tiny_model):
+    shared = dymu.Architecture.from_parents([(0, 0, 0)] * (tiny_model.n_layers - 1))
+    branched = dymu.Architecture.fully_branched(3, tiny_model.n_layers)
+    x = torch.randn(2, 3, 24, 32, generator=torch.Generator().manual_seed(5))
+    a = tiny_model.materialize([0.7, 0.2, 0.1], 0.3, architecture=branched)
+    before = outputs(a, x)
+    b = tiny_model.materialize([0.1, 0.1, 0.8], 0.9, architecture=shared)
+    assert close(outputs(b, x), reference(tiny_model, b, x))
+    assert close(outputs(a, x), before, tol=0)  # b's tree left a's untouched
+    assert all(a.heads[t] is b.heads[t] for t in a.heads)  # one folded copy of each head
+    assert not any(m.training for net in (a, b) for m in net.modules())  # eval throughout
+    skeletons = list(tiny_model._skeletons.values())
+    first, second = skeletons[-2].template, skeletons[-1].template
+    common = first.nodes.keys() & second.nodes.keys()  # l0_s0 at least: both trees use it
+    assert common and all(first.nodes[k] is second.nodes[k] for k in common)
+    # ... while each preference still gets its own adapted convs
+    node = next(iter(common))
+    assert a.nodes[node] is not b.nodes[node]
+    assert a.nodes[node] is not first.nodes[node]
