@@ -273,7 +273,8 @@ class FoldedAnchor:
         convs, rows, vecs, inner = [], [], [], {id(folded)}
         for name, _ in self.layout[node]:
             path = name.rsplit(".", 1)[0] if "." in name else ""
-            conv, bn = a_node.get_submodule(path)[0], a_node.get_submodule(path)[1]
+            cba = a_node.get_submodule(path)
+            conv, bn = cba[0], cba[1]
             target = folded.get_submodule(path)
             convs.append((id(target[0]), tuple(conv.weight.shape)))
             rows.append(conv.weight.detach().reshape(conv.weight.shape[0], -1))

@@ -30,8 +30,10 @@ from .materialize import FoldedAnchor, MaterializedModel, Skeleton
 from .preference import Preference, normalize_preference, resolve_tasks
 
 #: Folded trees a model keeps: at most this many, and (beyond the newest) at most
-#: max(SKELETON_MIN_BYTES, 2 x the anchor's bytes) of their weights, so that a paper-scale
-#: model keeps a few trees and a small one many.
+#: max(SKELETON_MIN_BYTES, 2 x the anchor's bytes) of their own tensors (rows of the weight
+#: hypernet's heads, BN vectors), so that a paper-scale model keeps a few trees and a small one
+#: many. The folded nodes they share (dymu.materialize.FoldedAnchor) are one copy of the anchor
+#: at most.
 MAX_SKELETONS = 32
 SKELETON_MIN_BYTES = 64 * 2**20
 
