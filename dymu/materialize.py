@@ -208,17 +208,14 @@ class AdaptedNode:
     every tree that uses the node. Per adapted conv, in the order of the node's head: the id of
     the conv in the folded node and its weight's shape, the anchor's unfolded weight as
     (out channels, rest) rows; per channel (``vectors``, 4 x channels) gamma, beta,
-    sqrt(var + eps) and conv bias - running mean; the head's rows and biases for dgamma and
-    for dbeta; and ``inner``, the ids of the folded node's modules from the node down to each
-    adapted conv (the ones a new preference must copy)."""
+    sqrt(var + eps) and conv bias - running mean; ``channels``, the node's channels in
+    :attr:`FoldedAnchor.delta_weight`'s order; and ``inner``, the ids of the folded node's
+    modules from the node down to each adapted conv (the ones a new preference must copy)."""
 
     convs: tuple[tuple[int, tuple[int, ...]], ...]
     weight_rows: tuple[torch.Tensor, ...]
     vectors: torch.Tensor
-    gamma_rows: torch.Tensor
-    beta_rows: torch.Tensor
-    gamma_bias: torch.Tensor
-    beta_bias: torch.Tensor
+    channels: torch.Tensor
     inner: frozenset[int]
 
 
@@ -241,6 +238,23 @@ class FoldedAnchor:
         self.anchor = anchor
         self.layout = layout
         self.delta_heads = delta_heads
+        # Every node's head stacked: [dgamma; dbeta] of every channel of the layout is one
+        # matmul of z with delta_weight (a tree picks its channels), so a skeleton keeps no
+        # copy of its rows and many trees fit in memory at once.
+        self.offsets: dict[Node, int] = {}
+        gamma_w, beta_w, gamma_b, beta_b = [], [], [], []
+        self.n_channels = 0
+        for node, convs in layout.items():
+            width = sum(ch for _, ch in convs)
+            w, b = delta_heads[node].weight.detach(), delta_heads[node].bias.detach()
+            gamma_w.append(w[:width])
+            beta_w.append(w[width:])
+            gamma_b.append(b[:width])
+            beta_b.append(b[width:])
+            self.offsets[node] = self.n_channels
+            self.n_channels += width
+        self.delta_weight = torch.cat(gamma_w + beta_w) if gamma_w else torch.zeros(0, 1)
+        self.delta_bias = torch.cat(gamma_b + beta_b) if gamma_b else torch.zeros(0)
         self._nodes: dict[Node, nn.Module] = {}
         self._heads: dict[int, nn.Module] = {}
         self._adapted: dict[Node, AdaptedNode] = {}
@@ -269,7 +283,7 @@ class FoldedAnchor:
 
     def _adapt_parts(self, node: Node) -> AdaptedNode:
         folded, a_node = self.node(*node), self.anchor.node(*node)
-        head, width = self.delta_heads[node], sum(ch for _, ch in self.layout[node])
+        width = sum(ch for _, ch in self.layout[node])
         convs, rows, vecs, inner = [], [], [], {id(folded)}
         for name, _ in self.layout[node]:
             path = name.rsplit(".", 1)[0] if "." in name else ""
@@ -284,16 +298,10 @@ class FoldedAnchor:
             parts = path.split(".") if path else []
             inner |= {id(folded.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)}
             inner.add(id(target[0]))
-        w, bias = head.weight.detach(), head.bias.detach()
+        start = self.offsets[node]
+        channels = torch.arange(start, start + width)
         return AdaptedNode(
-            tuple(convs),
-            tuple(rows),
-            torch.cat(vecs, dim=1),
-            w[:width],
-            w[width:],
-            bias[:width],
-            bias[width:],
-            frozenset(inner),
+            tuple(convs), tuple(rows), torch.cat(vecs, dim=1), channels, frozenset(inner)
         )
 
 
@@ -305,9 +313,10 @@ class Skeleton:
     ``w' = w * s``, ``b' = beta' + (b - mean) * s`` with ``s = gamma' / sqrt(var + eps)``,
     ``gamma' = gamma + dgamma`` and ``beta' = beta + dbeta``. The skeleton keeps ``gamma``,
     ``beta``, ``sqrt(var + eps)``, ``b - mean`` and the unfolded weights of *all* the tree's
-    adapted convolutions as flat vectors, in the order of the weight hypernet's heads, plus
-    those heads' rows stacked into one matrix; :meth:`instantiate` then runs one matmul for all
-    deltas and a handful of vector ops for all foldings (the same arithmetic as
+    adapted convolutions as flat vectors, in the order of the weight hypernet's heads, and where
+    those channels sit in its :class:`FoldedAnchor`'s stacked heads; :meth:`instantiate` then
+    runs one matmul for the deltas of the whole layout, picks the tree's, and a handful of
+    vector ops fold them all (the same arithmetic as
     :meth:`~dymu.anchor.ConvBNAct.fold_`), and shares every other tensor (heads, nodes without
     BN) with the template. The template's nodes come from a :class:`FoldedAnchor`, shared
     with every other tree of that anchor.
@@ -334,25 +343,22 @@ class Skeleton:
         self.chans = [shape[0] for _, shape in self.convs]
         # unfolded weights as (out channels, rest) rows, so a per-channel scale broadcasts
         self.weight_rows = [w for p in parts for w in p.weight_rows]
+        self.folded = folded
         if self.convs:
             vectors = torch.cat([p.vectors for p in parts], dim=1)
-            gamma_rows, beta_rows = [p.gamma_rows for p in parts], [p.beta_rows for p in parts]
-            gamma_bias, beta_bias = [p.gamma_bias for p in parts], [p.beta_bias for p in parts]
+            channels = torch.cat([p.channels for p in parts])
         else:  # a tree without BatchNorm: nothing to adapt or fold
-            vectors = torch.zeros(4, 0)
-            gamma_rows, beta_rows = [torch.zeros(0, 1)], [torch.zeros(0, 1)]
-            gamma_bias, beta_bias = [torch.zeros(0)], [torch.zeros(0)]
+            vectors, channels = torch.zeros(4, 0), torch.zeros(0, dtype=torch.long)
         self.vectors = vectors
         self.gamma, self.beta, self.std, self.shift = vectors.unbind(0)
-        # [dgamma; dbeta] of every adapted channel = z @ delta_weight.T + delta_bias: one matmul
-        self.delta_weight = torch.cat(gamma_rows + beta_rows)
-        self.delta_bias = torch.cat(gamma_bias + beta_bias)
+        # where this tree's [dgamma; dbeta] sit in the deltas of the whole layout
+        self.delta_index = torch.cat([channels, channels + folded.n_channels])
 
     @property
     def nbytes(self) -> int:
         """Bytes this skeleton holds of its own: its rows of the hypernet's heads and its
         per-channel vectors (the folded nodes belong to the :class:`FoldedAnchor`)."""
-        own = (self.delta_weight, self.delta_bias, self.vectors)
+        own = (self.vectors, self.delta_index)
         return sum(t.numel() * t.element_size() for t in own)
 
     @property
@@ -364,8 +370,9 @@ class Skeleton:
         adaptation); the arithmetic of :meth:`~dymu.anchor.ConvBNAct.fold_`, vectorized."""
         gamma, beta = self.gamma, self.beta
         if z is not None and self.n_channels:
-            deltas = torch.nn.functional.linear(z, self.delta_weight, self.delta_bias)
-            dgamma, dbeta = deltas.chunk(2)
+            f = self.folded
+            deltas = torch.nn.functional.linear(z, f.delta_weight, f.delta_bias)
+            dgamma, dbeta = deltas.index_select(-1, self.delta_index).chunk(2)
             gamma, beta = gamma + dgamma, beta + dbeta
         scale = gamma / self.std
         # w' = w * s per output channel, every conv at once (one fused C++ loop over the list)

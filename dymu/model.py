@@ -30,11 +30,12 @@ from .materialize import FoldedAnchor, MaterializedModel, Skeleton
 from .preference import Preference, normalize_preference, resolve_tasks
 
 #: Folded trees a model keeps: at most this many, and (beyond the newest) at most
-#: max(SKELETON_MIN_BYTES, 2 x the anchor's bytes) of their own tensors (rows of the weight
-#: hypernet's heads, BN vectors), so that a paper-scale model keeps a few trees and a small one
-#: many. The folded nodes they share (dymu.materialize.FoldedAnchor) are one copy of the anchor
-#: at most.
-MAX_SKELETONS = 32
+#: max(SKELETON_MIN_BYTES, 2 x the anchor's bytes) of their own tensors (BN vectors and channel
+#: indices, ~20 KB each for scenes-small), enough for every tree a controller serves (the
+#: shipped scenes-small/v5: 91 over 1,000 random preferences). What they share
+#: (dymu.materialize.FoldedAnchor: the folded nodes and the stacked heads of the weight
+#: hypernet) is one copy of the anchor's and the heads' weights.
+MAX_SKELETONS = 256
 SKELETON_MIN_BYTES = 64 * 2**20
 
 
