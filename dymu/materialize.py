@@ -253,8 +253,11 @@ class FoldedAnchor:
             beta_b.append(b[width:])
             self.offsets[node] = self.n_channels
             self.n_channels += width
-        self.delta_weight = torch.cat(gamma_w + beta_w) if gamma_w else torch.zeros(0, 1)
-        self.delta_bias = torch.cat(gamma_b + beta_b) if gamma_b else torch.zeros(0)
+        device = next(anchor.parameters()).device
+        self.delta_weight = (
+            torch.cat(gamma_w + beta_w) if gamma_w else torch.zeros(0, 1, device=device)
+        )
+        self.delta_bias = torch.cat(gamma_b + beta_b) if gamma_b else torch.zeros(0, device=device)
         self._nodes: dict[Node, nn.Module] = {}
         self._heads: dict[int, nn.Module] = {}
         self._adapted: dict[Node, AdaptedNode] = {}
@@ -299,7 +302,7 @@ class FoldedAnchor:
             inner |= {id(folded.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)}
             inner.add(id(target[0]))
         start = self.offsets[node]
-        channels = torch.arange(start, start + width)
+        channels = torch.arange(start, start + width, device=self.delta_weight.device)
         return AdaptedNode(
             tuple(convs), tuple(rows), torch.cat(vecs, dim=1), channels, frozenset(inner)
         )
@@ -348,7 +351,8 @@ class Skeleton:
             vectors = torch.cat([p.vectors for p in parts], dim=1)
             channels = torch.cat([p.channels for p in parts])
         else:  # a tree without BatchNorm: nothing to adapt or fold
-            vectors, channels = torch.zeros(4, 0), torch.zeros(0, dtype=torch.long)
+            vectors = torch.zeros(4, 0, device=folded.delta_weight.device)
+            channels = torch.zeros(0, dtype=torch.long, device=vectors.device)
         self.vectors = vectors
         self.gamma, self.beta, self.std, self.shift = vectors.unbind(0)
         # where this tree's [dgamma; dbeta] sit in the deltas of the whole layout
