@@ -224,7 +224,8 @@ class FoldedAnchor:
     and each adapted node's :class:`AdaptedNode`: what every tree's :class:`Skeleton` shares.
 
     A tree seen for the first time then only wires nodes that are already folded (and gathers
-    its adapted nodes' rows), where copying and folding them took most of its cost. The
+    its adapted nodes' channels), where copying and folding them took most of its cost. The
+    weight hypernet's heads are stacked here once (``delta_weight``, ``delta_bias``). The
     shared modules are frozen (eval mode, no gradients) and never changed: a preference gets
     shallow copies of the ones it adapts (:func:`share_module`).
     """
@@ -237,7 +238,6 @@ class FoldedAnchor:
     ) -> None:
         self.anchor = anchor
         self.layout = layout
-        self.delta_heads = delta_heads
         # Every node's head stacked: [dgamma; dbeta] of every channel of the layout is one
         # matmul of z with delta_weight (a tree picks its channels), so a skeleton keeps no
         # copy of its rows and many trees fit in memory at once.
