@@ -360,8 +360,9 @@ class Skeleton:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this skeleton holds of its own: its rows of the hypernet's heads and its
-        per-channel vectors (the folded nodes belong to the :class:`FoldedAnchor`)."""
+        """Bytes this skeleton holds of its own: its per-channel vectors and where its channels
+        sit in the stacked heads (the folded nodes and the heads belong to the
+        :class:`FoldedAnchor`)."""
         own = (self.vectors, self.delta_index)
         return sum(t.numel() * t.element_size() for t in own)
 
