@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .anchor import BNDeltas
@@ -37,6 +38,18 @@ def mlp(dim_in: int, hidden: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def run_mlp(layers: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """``layers(h)`` for an :func:`mlp`, the same ops (bitwise), called as functions.
+
+    The hypernets run on one preference for every switch, and on tensors this small calling
+    each ``nn.Module`` costs more than its matmul: this halves the controller's time on a
+    preference switch (docs/benchmarks.md, "Issue 15, item 1: the controller as functions").
+    """
+    for layer in layers:
+        h = F.linear(h, layer.weight, layer.bias) if type(layer) is nn.Linear else torch.relu(h)
+    return h
+
+
 class EdgeHypernet(nn.Module):
     """h(r, c; phi): logits of each child node's parent choice, one N x N head per boundary.
 
@@ -55,11 +68,12 @@ class EdgeHypernet(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(width, n_tasks * n_tasks) for _ in range(n_layers - 1))
 
     def forward(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z = self.mlp(self.embedding(r, c))
+        z = run_mlp(self.mlp, self.embedding.forward(r, c))
         n = self.n_tasks
         if not self.heads:
             return z.new_zeros(*z.shape[:-1], 0, n, n)
-        return torch.stack([h(z).unflatten(-1, (n, n)) for h in self.heads], dim=-3)
+        logits = [F.linear(z, h.weight, h.bias).unflatten(-1, (n, n)) for h in self.heads]
+        return torch.stack(logits, dim=-3)
 
 
 class WeightHypernet(nn.Module):
@@ -92,13 +106,17 @@ class WeightHypernet(nn.Module):
     def num_bn_channels(self) -> int:
         return sum(ch for bns in self.layout.values() for _, ch in bns)
 
+    def features(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """z, the MLP's output, from which every node's head is one linear map (§3.3.2)."""
+        return run_mlp(self.mlp, self.embedding.forward(r, c))
+
     def forward(
         self, r: torch.Tensor, c: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None
     ) -> BNDeltas:
         """Deltas for ``nodes`` (all by default) for one preference (``r`` of shape (N,))."""
         if r.ndim != 1:
             raise ValueError("the weight hypernet takes one preference at a time (r of shape (N,))")
-        z = self.mlp(self.embedding(r, c))
+        z = self.features(r, c)
         deltas: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for node in self.layout if nodes is None else nodes:
             if node not in self.layout:

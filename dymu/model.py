@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -37,6 +39,8 @@ from .preference import Preference, normalize_preference, resolve_tasks
 #: hypernet) is one copy of the anchor's and the heads' weights.
 MAX_SKELETONS = 256
 SKELETON_MIN_BYTES = 64 * 2**20
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = operator.methodcaller("data_ptr")
 
 
 class ControllableModel(ConfigTasks, nn.Module):
@@ -97,7 +101,9 @@ class ControllableModel(ConfigTasks, nn.Module):
         return normalize_preference(r, c, self.tasks)
 
     def _tensors(self, pref: Preference) -> tuple[torch.Tensor, torch.Tensor]:
-        return pref.tensors(device=self.device)
+        # on the hypernets' device and dtype, so a model converted with .double() still runs
+        weight = self.edge_hypernet.embedding.cost_embedding
+        return pref.tensors(device=weight.device, dtype=weight.dtype)
 
     @torch.no_grad()
     def edge_logits(self, r: Any, c: Any = None) -> torch.Tensor:
@@ -114,8 +120,9 @@ class ControllableModel(ConfigTasks, nn.Module):
         (e.g. a grid over the simplex for a cost map); element i is ``architecture(prefs[i])``."""
         if not preferences:
             return []
-        r = torch.tensor([p.r for p in preferences], device=self.device)
-        c = torch.tensor([p.c for p in preferences], device=self.device)
+        weight = self.edge_hypernet.embedding.cost_embedding
+        r = torch.tensor([p.r for p in preferences], device=weight.device, dtype=weight.dtype)
+        c = torch.tensor([p.c for p in preferences], device=weight.device, dtype=weight.dtype)
         parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()  # (B, L-1, N): one transfer
         return [Architecture.from_parents(rows, self.n_tasks, self.n_layers) for rows in parents]
 
@@ -173,7 +180,7 @@ class ControllableModel(ConfigTasks, nn.Module):
         ``architecture`` is given) and the weight hypernet's features z (None without
         ``adapt``), from which every node's BN deltas are one linear map (see materialize)."""
         r, c = self._tensors(pref)
-        z = self.weight_hypernet.mlp(self.weight_hypernet.embedding(r, c)) if adapt else None
+        z = self.weight_hypernet.features(r, c) if adapt else None
         if architecture is None:
             parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()
             architecture = Architecture.from_parents(parents, self.n_tasks, self.n_layers)
@@ -202,17 +209,18 @@ class ControllableModel(ConfigTasks, nn.Module):
     def _weights_stamp(self) -> tuple[int, int, int]:
         """Changes whenever a weight the skeletons were built from changes: an optimizer step
         or ``load_state_dict`` (in-place updates bump a tensor's version counter), ``.to()``
-        (new storage) or a parameter replaced by another. Each module's parameter and buffer
-        registries are cached (a walk of the module tree would cost more than the switch it
-        guards); a module replaced by another is not seen, which a loaded, frozen model never
-        does."""
+        (new storage) or a parameter replaced by another. Only the anchor's and the weight
+        hypernet's heads' tensors count (z is computed afresh for every preference). Their
+        registries are cached and read by C-level maps: a walk of the module tree, or a Python
+        loop over ~370 tensors, would cost more than the switch it guards. A module replaced by
+        another is not seen, which a loaded, frozen model never does."""
         registries = self.__dict__.get("_stamp_registries")
         if registries is None:
-            modules = (*self.anchor.modules(), *self.weight_hypernet.modules())
+            modules = (*self.anchor.modules(), *self.weight_hypernet.heads.modules())
             registries = [d for m in modules for d in (m._parameters, m._buffers)]
             self.__dict__["_stamp_registries"] = registries
-        tensors = [t for d in registries for t in d.values() if t is not None]
-        return len(tensors), sum(t._version for t in tensors), sum(t.data_ptr() for t in tensors)
+        tensors = [t for t in chain.from_iterable(map(dict.values, registries)) if t is not None]
+        return len(tensors), sum(map(_VERSION, tensors)), sum(map(_DATA_PTR, tensors))
 
     def _skeleton(self, arch: Architecture, task_idx: tuple[int, ...]) -> Skeleton:
         key = (arch.id, task_idx)

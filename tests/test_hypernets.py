@@ -65,3 +65,22 @@ def test_control_params_count_both_hypernets():
     total = sum(p.numel() for p in model.edge_hypernet.parameters())
     total += sum(p.numel() for p in model.weight_hypernet.parameters())
     assert model.control_params == total
+
+
+def test_the_functional_mlp_is_the_module_bitwise_with_the_same_gradients():
+    from dymu.hypernets import run_mlp
+
+    torch.manual_seed(0)
+    h = EdgeHypernet(n_tasks=3, n_layers=4)
+    x = torch.randn(5, 32, requires_grad=True)
+    by_module, by_function = h.mlp(x), run_mlp(h.mlp, x)
+    assert torch.equal(by_module, by_function) and (by_function == 0).any()  # ReLU ran
+    (g_module,) = torch.autograd.grad(by_module.square().sum(), x)
+    (g_function,) = torch.autograd.grad(by_function.square().sum(), x)
+    assert torch.equal(g_module, g_function)
+    r, c = torch.tensor([0.2, 0.3, 0.5]), torch.tensor(0.4)
+    n = 3
+    logits = torch.stack([hd(h.mlp(h.embedding(r, c))).unflatten(-1, (n, n)) for hd in h.heads])
+    assert torch.equal(h(r, c), logits)
+    wh = dymu.create_model(tiny_config()).weight_hypernet
+    assert torch.equal(wh.features(r, c), wh.mlp(wh.embedding(r, c)))

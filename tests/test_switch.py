@@ -147,3 +147,19 @@ def test_trees_share_their_folded_nodes_and_heads_and_stay_exact(tiny_model):
     node = next(iter(common))
     assert a.nodes[node] is not b.nodes[node]
     assert a.nodes[node] is not first.nodes[node]
+
+
+def test_a_converted_model_is_not_served_from_its_old_skeletons():
+    model = randomize_(dymu.create_model(tiny_config()), seed=5)
+    x = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(3))
+    r, c = [0.2, 0.5, 0.3], 0.6
+    model.materialize(r, c)  # float32 skeleton
+    model.double()  # new storage for every tensor: .to() / _apply
+    net = model.materialize(r, c)
+    out = outputs(net, x.double())
+    assert all(v.dtype == torch.float64 for v in out.values())
+    assert close(out, reference(model, net, x.double()))
+    with torch.no_grad():  # only the weight hypernet's MLP: z is not cached with a skeleton
+        model.weight_hypernet.mlp[0].bias.add_(0.5)
+    net = model.materialize(r, c)
+    assert close(outputs(net, x.double()), reference(model, net, x.double()))
