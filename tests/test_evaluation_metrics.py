@@ -12,6 +12,7 @@ import pytest
 from training.evaluation.metrics import (
     EXACT_MAX_OBJECTIVES,
     REFERENCE_POINTS,
+    bootstrap_interval,
     hypervolume,
     reference_point,
     uniformity,
@@ -137,3 +138,63 @@ def test_uniformity_reach_searches_inside_the_box():
 def test_uniformity_reach_rejects_mismatched_bounds():
     with pytest.raises(ValueError, match="same length"):
         uniformity_reach([0.5, 0.5], [1.0, 1.0], [1.0, 1.0, 1.0])
+
+
+# -- the claims' bootstrap intervals ----------------------------------------------------------
+def _points(rs, losses):
+    from training.evaluation.loop import Point
+
+    names = ["a", "b"]
+    return [
+        Point(list(r), 0.0, dict(zip(names, row, strict=True)), {}, 0, 0)
+        for r, row in zip(rs, losses, strict=True)
+    ]
+
+
+def test_bootstrap_interval_resamples_preferences_with_a_fixed_seed():
+    x = np.random.default_rng(1).normal(5.0, 1.0, 40)
+    seen = []
+
+    def mean(idx):
+        seen.append(len(idx))
+        return float(x[idx].mean())
+
+    lo, hi = bootstrap_interval(mean, 40)
+    assert set(seen) == {40}  # every resample draws all 40 preferences (with replacement)
+    half = 1.96 * x.std() / math.sqrt(40)  # the normal approximation of the mean's interval
+    assert lo < x.mean() < hi and (hi - lo) == pytest.approx(2 * half, rel=0.2)
+    assert bootstrap_interval(lambda idx: float(x[idx].mean()), 40) == (lo, hi)  # reproducible
+    assert bootstrap_interval(lambda idx: None, 40) is None  # undefined statistic
+    assert bootstrap_interval(mean, 2) is None
+
+
+def test_rho_interval_keeps_a_preferences_two_points_together():
+    from training.evaluation.report import rho_intervals
+
+    rng = np.random.default_rng(0)
+    r0 = rng.uniform(0.05, 0.95, 30)
+    rs = [(a, 1 - a) for a in r0]
+    # each loss falls strictly with its own weight at both c: rho is -1 on every resample
+    falls = [(1 - a, a) for a in r0]
+    ci = rho_intervals(_points(rs, falls), _points(rs, falls), "ab")
+    assert ci["a"] == pytest.approx((-1.0, -1.0)) and ci["b"] == pytest.approx((-1.0, -1.0))
+    noise = rng.uniform(0, 1, (30, 2))
+    ci = rho_intervals(_points(rs, noise), _points(rs, noise[::-1]), "ab")
+    assert all(lo < 0 < hi for lo, hi in ci.values())
+
+
+def test_uniformity_margin_interval_pairs_the_two_rows():
+    from training.evaluation.report import margin_interval
+
+    rng = np.random.default_rng(2)
+    r0 = rng.uniform(0.05, 0.95, 40)
+    rs = [(a, 1 - a) for a in r0]
+    theirs = _points(rs, rng.uniform(0.1, 2.0, (40, 2)))  # uniformities spread widely
+    # ours: r_j L_j equal at every preference (uniformity 1), so ours wins at each one
+    ours = _points(rs, [(1 / a, 1 / (1 - a)) for a in r0])
+    lo, hi = margin_interval(ours, theirs, "ab")
+    diffs = [1 - uniformity(p.r, p.vector("ab")) for p in theirs]
+    assert min(diffs) > 0 and 0 < lo < np.mean(diffs) < hi
+    # the same row against itself: a margin of exactly 0 on every resample (a test that
+    # resampled the rows independently would give a wide interval here)
+    assert margin_interval(theirs, theirs, "ab") == (0.0, 0.0)

@@ -270,6 +270,14 @@ def test_run_dir_has_a_row_for_every_method_and_the_ablation_table(run_report):
     claims = {c["claim"]: c for c in report["claims"]}
     for name in ("HV(dymu) > HV(PHN-BN) > HV(PHN)", "uniformity(dymu) > uniformity(PHN-BN)"):
         assert isinstance(claims[name]["holds"], bool), name
+    # claims 2 and 4 carry their bootstrap intervals, around the numbers the rules compare
+    unif = claims["uniformity(dymu) > uniformity(PHN-BN)"]["numbers"]
+    for c in ("0", "1"):
+        lo, hi = unif["margin_interval_95"][c]
+        assert lo - 1e-9 <= unif[f"dymu_c{c}"] - unif["phn_bn"] <= hi + 1e-9
+    rho = claims["task loss falls as its preference rises"]["numbers"]
+    assert set(rho["interval_95"]) == set(rho["spearman_rho"])
+    assert "95 % bootstrap intervals" in md
 
 
 def test_dymu_override_needs_a_run_dir(artifact, tmp_path, capsys):

@@ -15,7 +15,10 @@ number is seen, and printed as holds / does not hold with the numbers:
 4. uniformity(dymu) > uniformity(PHN-BN), at c = 0 and at c = 1;
 5. adaptation raises HV: HV(dymu) > HV(dymu w/o adaptation), at c = 0 and at c = 1.
 
-A claim whose rows are missing (a single artifact has no PHN rows) is "not evaluated".
+A claim whose rows are missing (a single artifact has no PHN rows) is "not evaluated". Claims 2
+and 4 also carry a 95 % bootstrap interval over the P preferences (ρ per task; the uniformity
+margin per c), which the verdict does not use: an interval that spans 0 says the rule was
+decided by which preferences were drawn (docs/evaluation.md, "How sure a claim is").
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .loop import (
     simplex_grid,
 )
 from .methods import ABLATION_LABELS, DYMU_C, Source, ablation_rows, build_rows
-from .metrics import hypervolume
+from .metrics import bootstrap_interval, hypervolume, uniformity
 
 FLOP_CONVENTION = "1 multiply-add = 2 FLOPs (torch.utils.flop_counter.FlopCounterMode), per image"
 LOSS_CONVENTION = (
@@ -271,120 +274,186 @@ def evaluate_source(
 
 
 # -- claims ----------------------------------------------------------------------------------
+def _same_preferences(*point_lists: Sequence[Any]) -> bool:
+    """Whether the rows were measured at the same preferences, in the same order."""
+    first = point_lists[0]
+    return all(
+        len(pts) == len(first) and all(p.r == q.r for p, q in zip(pts, first, strict=True))
+        for pts in point_lists[1:]
+    )
+
+
+def _interval_text(interval: tuple[float, float] | None, fmt: str = "+.3f") -> str:
+    return "n/a" if interval is None else f"{interval[0]:{fmt}} … {interval[1]:{fmt}}"
+
+
+def rho_intervals(
+    c0: Sequence[Any], c1: Sequence[Any], names: Sequence[str]
+) -> dict[str, tuple[float, float] | None]:
+    """Claim 2's ρ per task, its 95 % bootstrap interval: preferences resampled with both of
+    their points (c = 0 and c = 1), as the rule pools them."""
+
+    def rho(i: int) -> Any:
+        def stat(idx: Any) -> float | None:
+            pts = [c0[k] for k in idx] + [c1[k] for k in idx]
+            return _spearman([p.r[i] for p in pts], [p.losses[names[i]] for p in pts])
+
+        return stat
+
+    return {t: bootstrap_interval(rho(i), len(c0)) for i, t in enumerate(names)}
+
+
+def margin_interval(
+    ours: Sequence[Any], theirs: Sequence[Any], names: Sequence[str]
+) -> tuple[float, float] | None:
+    """Claim 4's margin, mean uniformity(ours) − mean uniformity(theirs), its 95 % bootstrap
+    interval with the two rows' points at each preference resampled as a pair."""
+    diff = [
+        uniformity(a.r, a.vector(names)) - uniformity(b.r, b.vector(names))
+        for a, b in zip(ours, theirs, strict=True)
+    ]
+    return bootstrap_interval(lambda idx: statistics.fmean(diff[k] for k in idx), len(diff))
+
+
 def _claim(name: str, holds: bool | None, text: str, numbers: dict[str, Any]) -> dict[str, Any]:
     return {"claim": name, "holds": holds, "text": text, "numbers": numbers}
 
 
 def check_claims(report: dict[str, Any], rows: dict[str, RowResult]) -> list[dict[str, Any]]:
     """The paper's five qualitative claims with the rules of the module docstring."""
-    claims = []
+    names = [t["name"] for t in report["tasks"]]
+    return [
+        _claim_resource(report),
+        _claim_task_control(rows, names),
+        _claim_hv(rows),
+        _claim_uniformity(rows, names),
+        _claim_adaptation(rows),
+    ]
+
+
+def _row_hv(rows: dict[str, RowResult], key: str) -> float | None:
+    return rows[key].hv.value if key in rows else None
+
+
+def _claim_resource(report: dict[str, Any]) -> dict[str, Any]:
     g = {k: v["mean_gflops"] for k, v in report["resource_usage"].items()}
     falls = g["0"] >= g["0.5"] >= g["1"] and g["0"] > g["1"]
-    claims.append(
-        _claim(
-            "resource use falls with c",
-            falls,
-            f"dymu mean GFLOPs at c = 0 / 0.5 / 1: {g['0']:.4f} / {g['0.5']:.4f} / {g['1']:.4f}",
-            {"mean_gflops_by_c": g},
-        )
+    return _claim(
+        "resource use falls with c",
+        falls,
+        f"dymu mean GFLOPs at c = 0 / 0.5 / 1: {g['0']:.4f} / {g['0.5']:.4f} / {g['1']:.4f}",
+        {"mean_gflops_by_c": g},
     )
 
-    names = [t["name"] for t in report["tasks"]]
-    pts = [p for k in ("dymu-c0", "dymu-c1") for p in rows[k].points]
+
+def _claim_task_control(rows: dict[str, RowResult], names: list[str]) -> dict[str, Any]:
+    c0, c1 = rows["dymu-c0"].points, rows["dymu-c1"].points
+    pts = [*c0, *c1]
     rho = {
         t: _spearman([p.r[i] for p in pts], [p.losses[t] for p in pts]) for i, t in enumerate(names)
     }
     holds = all(v is not None and v < 0 for v in rho.values())
-    claims.append(
-        _claim(
-            "task loss falls as its preference rises",
-            holds,
-            "Spearman rho(r_i, w_i L_i) over dymu's preferences at c = 0 and 1: "
-            + ", ".join(f"{t} {v:+.3f}" if v is not None else f"{t} n/a" for t, v in rho.items()),
-            {"spearman_rho": rho},
+    rho_ci = rho_intervals(c0, c1, names) if _same_preferences(c0, c1) else {}
+    text = "Spearman rho(r_i, w_i L_i) over dymu's preferences at c = 0 and 1: " + ", ".join(
+        f"{t} {v:+.3f}" if v is not None else f"{t} n/a" for t, v in rho.items()
+    )
+    if rho_ci:
+        text += "; 95 % bootstrap intervals: " + ", ".join(
+            f"{t} {_interval_text(ci)}" for t, ci in rho_ci.items()
         )
+    return _claim(
+        "task loss falls as its preference rises",
+        holds,
+        text,
+        {"spearman_rho": rho, "interval_95": rho_ci},
     )
 
-    def hv(key: str) -> float | None:
-        return rows[key].hv.value if key in rows else None
 
-    def unif(key: str) -> float | None:
-        return rows[key].uniformity if key in rows else None
+def _claim_hv(rows: dict[str, RowResult]) -> dict[str, Any]:
+    def hv(key: str) -> float | None:
+        return _row_hv(rows, key)
 
     if "phn" in rows and "phn-bn" in rows:
         per_c = {f"{c:g}": hv(f"dymu-c{c:g}") > hv("phn-bn") > hv("phn") for c in DYMU_C}
-        claims.append(
-            _claim(
-                "HV(dymu) > HV(PHN-BN) > HV(PHN)",
-                all(per_c.values()),
-                f"HV dymu c=0 {hv('dymu-c0'):.4g}, c=1 {hv('dymu-c1'):.4g}; "
-                f"PHN-BN {hv('phn-bn'):.4g}; PHN {hv('phn'):.4g}",
-                {
-                    "dymu_c0": hv("dymu-c0"),
-                    "dymu_c1": hv("dymu-c1"),
-                    "phn_bn": hv("phn-bn"),
-                    "phn": hv("phn"),
-                    "holds_at_c": per_c,
-                },
-            )
-        )
-    else:
-        claims.append(
-            _claim(
-                "HV(dymu) > HV(PHN-BN) > HV(PHN)",
-                None,
-                "the input has no "
-                + " / ".join(n for n in ("PHN", "PHN-BN") if n.lower() not in rows)
-                + " row"
-                + "".join(f"; HV dymu c={c:.0f} {hv(f'dymu-c{c:g}'):.4g}" for c in DYMU_C)
-                + (f", PHN-BN {hv('phn-bn'):.4g}" if "phn-bn" in rows else "")
-                + (f", PHN {hv('phn'):.4g}" if "phn" in rows else ""),
-                {},
-            )
-        )
-    if "phn-bn" in rows:
-        per_c = {f"{c:g}": unif(f"dymu-c{c:g}") > unif("phn-bn") for c in DYMU_C}
-        claims.append(
-            _claim(
-                "uniformity(dymu) > uniformity(PHN-BN)",
-                all(per_c.values()),
-                f"uniformity dymu c=0 {unif('dymu-c0'):.4f}, c=1 {unif('dymu-c1'):.4f}; "
-                f"PHN-BN {unif('phn-bn'):.4f}",
-                {
-                    "dymu_c0": unif("dymu-c0"),
-                    "dymu_c1": unif("dymu-c1"),
-                    "phn_bn": unif("phn-bn"),
-                    "holds_at_c": per_c,
-                },
-            )
-        )
-    else:
-        claims.append(
-            _claim(
-                "uniformity(dymu) > uniformity(PHN-BN)",
-                None,
-                "the input has no PHN-BN row",
-                {},
-            )
-        )
-    per_c = {f"{c:g}": hv(f"dymu-c{c:g}") > hv(f"dymu-noadapt-c{c:g}") for c in DYMU_C}
-    claims.append(
-        _claim(
-            "adaptation raises HV",
+        return _claim(
+            "HV(dymu) > HV(PHN-BN) > HV(PHN)",
             all(per_c.values()),
-            "HV with / without adaptation: "
-            + "; ".join(
-                f"c={c:.0f} {hv(f'dymu-c{c:g}'):.4g} / {hv(f'dymu-noadapt-c{c:g}'):.4g}"
-                for c in DYMU_C
-            ),
+            f"HV dymu c=0 {hv('dymu-c0'):.4g}, c=1 {hv('dymu-c1'):.4g}; "
+            f"PHN-BN {hv('phn-bn'):.4g}; PHN {hv('phn'):.4g}",
             {
-                f"c{c:g}": {"with": hv(f"dymu-c{c:g}"), "without": hv(f"dymu-noadapt-c{c:g}")}
-                for c in DYMU_C
-            }
-            | {"holds_at_c": per_c},
+                "dymu_c0": hv("dymu-c0"),
+                "dymu_c1": hv("dymu-c1"),
+                "phn_bn": hv("phn-bn"),
+                "phn": hv("phn"),
+                "holds_at_c": per_c,
+            },
         )
+    return _claim(
+        "HV(dymu) > HV(PHN-BN) > HV(PHN)",
+        None,
+        "the input has no "
+        + " / ".join(n for n in ("PHN", "PHN-BN") if n.lower() not in rows)
+        + " row"
+        + "".join(f"; HV dymu c={c:.0f} {hv(f'dymu-c{c:g}'):.4g}" for c in DYMU_C)
+        + (f", PHN-BN {hv('phn-bn'):.4g}" if "phn-bn" in rows else "")
+        + (f", PHN {hv('phn'):.4g}" if "phn" in rows else ""),
+        {},
     )
-    return claims
+
+
+def _claim_uniformity(rows: dict[str, RowResult], names: list[str]) -> dict[str, Any]:
+    if "phn-bn" not in rows:
+        return _claim(
+            "uniformity(dymu) > uniformity(PHN-BN)", None, "the input has no PHN-BN row", {}
+        )
+    unif = {key: rows[key].uniformity for key in ("dymu-c0", "dymu-c1", "phn-bn")}
+    per_c = {f"{c:g}": unif[f"dymu-c{c:g}"] > unif["phn-bn"] for c in DYMU_C}
+    base = rows["phn-bn"].points
+    margin_ci = {
+        f"{c:g}": margin_interval(rows[f"dymu-c{c:g}"].points, base, names)
+        for c in DYMU_C
+        if _same_preferences(rows[f"dymu-c{c:g}"].points, base)
+    }
+    text = (
+        f"uniformity dymu c=0 {unif['dymu-c0']:.4f}, c=1 {unif['dymu-c1']:.4f}; "
+        f"PHN-BN {unif['phn-bn']:.4f}"
+    )
+    if margin_ci:
+        text += "; 95 % bootstrap intervals of the margin: " + ", ".join(
+            f"c={c} {_interval_text(ci, '+.4f')}" for c, ci in margin_ci.items()
+        )
+    return _claim(
+        "uniformity(dymu) > uniformity(PHN-BN)",
+        all(per_c.values()),
+        text,
+        {
+            "dymu_c0": unif["dymu-c0"],
+            "dymu_c1": unif["dymu-c1"],
+            "phn_bn": unif["phn-bn"],
+            "holds_at_c": per_c,
+            "margin_interval_95": margin_ci,
+        },
+    )
+
+
+def _claim_adaptation(rows: dict[str, RowResult]) -> dict[str, Any]:
+    def hv(key: str) -> float | None:
+        return _row_hv(rows, key)
+
+    per_c = {f"{c:g}": hv(f"dymu-c{c:g}") > hv(f"dymu-noadapt-c{c:g}") for c in DYMU_C}
+    return _claim(
+        "adaptation raises HV",
+        all(per_c.values()),
+        "HV with / without adaptation: "
+        + "; ".join(
+            f"c={c:.0f} {hv(f'dymu-c{c:g}'):.4g} / {hv(f'dymu-noadapt-c{c:g}'):.4g}" for c in DYMU_C
+        ),
+        {
+            f"c{c:g}": {"with": hv(f"dymu-c{c:g}"), "without": hv(f"dymu-noadapt-c{c:g}")}
+            for c in DYMU_C
+        }
+        | {"holds_at_c": per_c},
+    )
 
 
 # -- markdown --------------------------------------------------------------------------------
