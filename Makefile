@@ -79,6 +79,8 @@ test-scale: setup
 	$(PY) -m pip install --quiet -e ".[ray]"
 	$(PY) -m pytest -q -m scale
 
+# Tests marked slow (the tiny `dymu bench` run of tests/test_bench.py, ~2 min): kept out of
+# `make test` so that it stays under 10 minutes on 2 cores; .ci/run calls both.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 

@@ -1,5 +1,10 @@
 """`dymu bench`: the harness in its tiny mode writes every promised file and field.
 
+The tests on the tiny run are marked ``slow``: the run starts a dozen ``dymu serve`` processes
+(about two minutes on 2 cores), so they run in ``make test-slow``, which ``.ci/run`` calls after
+``make test``; the harness's own pieces (interleaving, peaks, the lean client) stay in
+``make test``.
+
 No timing is asserted (speed is measured by the benchmark, never in tests): the checks are on
 the structure of the results, on the numbers that do not depend on timing (FLOP ratios, costs,
 versions, the store's newest version) and on the interleaving itself.
@@ -74,6 +79,7 @@ def tiny_run(tmp_path_factory):
     return report, out, dymu.load(root / "store", device="cpu")
 
 
+@pytest.mark.slow
 def test_every_file_and_top_level_field(tiny_run):
     report, out, _ = tiny_run
     for name in ("results.json", "summary.md", "profile_tree.txt", "profile_anchor.txt"):
@@ -98,6 +104,7 @@ def test_every_file_and_top_level_field(tiny_run):
     assert set(report["headline"]["proportionality"]["by_c"]) == {"0", "0.5", "1"}
 
 
+@pytest.mark.slow
 def test_summary_has_every_case_and_the_headline(tiny_run):
     report, out, _ = tiny_run
     text = (out / "summary.md").read_text()
@@ -108,6 +115,7 @@ def test_summary_has_every_case_and_the_headline(tiny_run):
         assert f"| {name} |" in text
 
 
+@pytest.mark.slow
 def test_proportionality_rows_and_flop_ratios(tiny_run):
     report, _, model = tiny_run
     result = report["cases"]["proportionality"]["result"]
@@ -132,6 +140,7 @@ def test_proportionality_rows_and_flop_ratios(tiny_run):
     )
 
 
+@pytest.mark.slow
 def test_peers_switch_backends_fields(tiny_run):
     report, _, model = tiny_run
     cases = {k: v["result"] for k, v in report["cases"].items()}
@@ -167,6 +176,7 @@ def test_peers_switch_backends_fields(tiny_run):
     assert point["onnx_over_torch"] > 0 and point["onnx_providers"]["folded"].startswith("CPU")
 
 
+@pytest.mark.slow
 def test_server_scaling_paper_profile_fields(tiny_run):
     report, _, _ = tiny_run
     cases = {k: v["result"] for k, v in report["cases"].items()}
@@ -203,6 +213,7 @@ def test_server_scaling_paper_profile_fields(tiny_run):
     assert prof["tree"]["top_ops"] and 0 < prof["tree"]["conv_share"] <= 1
 
 
+@pytest.mark.slow
 def test_request_path_fields(tiny_run):
     """Case 5c: overhead over the server's model time per format, and clients vs the model."""
     report, _, _ = tiny_run
@@ -274,6 +285,7 @@ def _registered_cases() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _registered_cases())
+@pytest.mark.slow
 def test_every_registered_case_runs_and_renders(tiny_run, name):
     """The sweep over the case registry: a new case is run by the tiny bench the day it is
     registered, and must succeed, give a JSON result and render its summary section."""
@@ -332,6 +344,7 @@ def test_the_lean_sync_client_reads_keep_alive_replies_by_their_length():
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_overload_reports_how_fast_a_full_server_refuses(tiny_run):
     report, out, _ = tiny_run
     runs = report["cases"]["overload"]["result"]["runs"]
