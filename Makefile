@@ -79,8 +79,9 @@ test-scale: setup
 	$(PY) -m pip install --quiet -e ".[ray]"
 	$(PY) -m pytest -q -m scale
 
-# Tests marked slow (the tiny `dymu bench` run of tests/test_bench.py, ~2 min): kept out of
-# `make test` so that it stays under 10 minutes on 2 cores; .ci/run calls both.
+# Tests marked slow (the tiny `dymu bench` run of tests/test_bench.py and three whole CLI runs
+# of training and the tree map, ~3.5 min): kept out of `make test` so that it stays under 10
+# minutes on 2 cores from a fresh clone; .ci/run calls both.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 

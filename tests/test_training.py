@@ -206,6 +206,7 @@ def test_bad_config_file_is_one_clear_error(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.slow  # a whole CLI run (~25-30 s): make test-slow
 def test_dymu_train_cli(tmp_path):
     exe = Path(sys.executable).parent / "dymu"
     proc = subprocess.run(

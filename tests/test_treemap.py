@@ -98,6 +98,7 @@ def tiny_artifact(tmp_path_factory):
     return dymu.save(run.model, tmp / "store"), path
 
 
+@pytest.mark.slow  # a whole CLI run (~25-30 s): make test-slow
 def test_the_cli_prints_the_map_and_writes_it_as_json(tiny_artifact, tmp_path, capsys):
     vdir, config = tiny_artifact
     out = tmp_path / "map.json"

@@ -237,6 +237,7 @@ def paths_index(arch: Architecture, tt: TreeTable) -> int:
     return int(match.nonzero()[0])
 
 
+@pytest.mark.slow  # a whole CLI run (~25-30 s): make test-slow
 def test_a_run_with_the_tree_estimator_logs_the_fit(tmp_path):
     base = load_config("scenes-tiny")
     config = base.model_copy(
