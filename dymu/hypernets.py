@@ -42,8 +42,9 @@ def run_mlp(layers: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
     """``layers(h)`` for an :func:`mlp`, the same ops (bitwise), called as functions.
 
     The hypernets run on one preference for every switch, and on tensors this small calling
-    each ``nn.Module`` costs more than its matmul: this halves the controller's time on a
-    preference switch (docs/benchmarks.md, "Issue 15, item 1: the controller as functions").
+    each ``nn.Module`` costs more than its matmul: this cuts the controller's time on a
+    preference switch by a quarter to a half (docs/benchmarks.md, "Issue 15, item 1: the
+    controller as functions, a cheaper weights' stamp").
     """
     for layer in layers:
         h = F.linear(h, layer.weight, layer.bias) if type(layer) is nn.Linear else torch.relu(h)
