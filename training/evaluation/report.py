@@ -23,6 +23,7 @@ decided by which preferences were drawn (docs/evaluation.md, "How sure a claim i
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import statistics
@@ -283,6 +284,11 @@ def _same_preferences(*point_lists: Sequence[Any]) -> bool:
     )
 
 
+def _task_rho(points: Sequence[Any], i: int, name: str) -> float | None:
+    """Spearman's ρ between task i's preference r_i and its loss over ``points`` (claim 2)."""
+    return _spearman([p.r[i] for p in points], [p.losses[name] for p in points])
+
+
 def _interval_text(interval: tuple[float, float] | None, fmt: str = "+.3f") -> str:
     return "n/a" if interval is None else f"{interval[0]:{fmt}} … {interval[1]:{fmt}}"
 
@@ -295,8 +301,7 @@ def rho_intervals(
 
     def rho(i: int) -> Any:
         def stat(idx: Any) -> float | None:
-            pts = [c0[k] for k in idx] + [c1[k] for k in idx]
-            return _spearman([p.r[i] for p in pts], [p.losses[names[i]] for p in pts])
+            return _task_rho([c0[k] for k in idx] + [c1[k] for k in idx], i, names[i])
 
         return stat
 
@@ -348,10 +353,7 @@ def _claim_resource(report: dict[str, Any]) -> dict[str, Any]:
 
 def _claim_task_control(rows: dict[str, RowResult], names: list[str]) -> dict[str, Any]:
     c0, c1 = rows["dymu-c0"].points, rows["dymu-c1"].points
-    pts = [*c0, *c1]
-    rho = {
-        t: _spearman([p.r[i] for p in pts], [p.losses[t] for p in pts]) for i, t in enumerate(names)
-    }
+    rho = {t: _task_rho([*c0, *c1], i, t) for i, t in enumerate(names)}
     holds = all(v is not None and v < 0 for v in rho.values())
     rho_ci = rho_intervals(c0, c1, names) if _same_preferences(c0, c1) else {}
     text = "Spearman rho(r_i, w_i L_i) over dymu's preferences at c = 0 and 1: " + ", ".join(
@@ -370,9 +372,7 @@ def _claim_task_control(rows: dict[str, RowResult], names: list[str]) -> dict[st
 
 
 def _claim_hv(rows: dict[str, RowResult]) -> dict[str, Any]:
-    def hv(key: str) -> float | None:
-        return _row_hv(rows, key)
-
+    hv = functools.partial(_row_hv, rows)
     if "phn" in rows and "phn-bn" in rows:
         per_c = {f"{c:g}": hv(f"dymu-c{c:g}") > hv("phn-bn") > hv("phn") for c in DYMU_C}
         return _claim(
@@ -437,9 +437,7 @@ def _claim_uniformity(rows: dict[str, RowResult], names: list[str]) -> dict[str,
 
 
 def _claim_adaptation(rows: dict[str, RowResult]) -> dict[str, Any]:
-    def hv(key: str) -> float | None:
-        return _row_hv(rows, key)
-
+    hv = functools.partial(_row_hv, rows)
     per_c = {f"{c:g}": hv(f"dymu-c{c:g}") > hv(f"dymu-noadapt-c{c:g}") for c in DYMU_C}
     return _claim(
         "adaptation raises HV",
