@@ -20,7 +20,14 @@ from torch import nn
 from torch.func import functional_call
 
 from .architecture import Architecture
-from .backbones import BACKBONES, Backbone, ConvBNAct, build_backbone, register_backbone
+from .backbones import (
+    BACKBONES,
+    Backbone,
+    ConvBNAct,
+    FoldedConv,
+    build_backbone,
+    register_backbone,
+)
 from .config import ModelConfig, TaskSpec
 from .errors import ConfigError, InputError
 
@@ -33,6 +40,19 @@ def fold_batchnorm_(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if isinstance(m, ConvBNAct):
             m.fold_()
+    return module
+
+
+def flatten_folded(module: nn.Module) -> nn.Module:
+    """``module`` with every folded :class:`ConvBNAct` replaced by its :class:`FoldedConv` (in
+    place; returns the replacement when ``module`` itself is one). Run after
+    :func:`fold_batchnorm_`; the outputs do not change."""
+    if isinstance(module, ConvBNAct):
+        return FoldedConv.from_block(module)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, ConvBNAct):
+                parent._modules[name] = FoldedConv.from_block(child)
     return module
 
 
@@ -263,11 +283,13 @@ __all__ = [
     "BNDeltas",
     "Backbone",
     "ConvBNAct",
+    "FoldedConv",
     "Stream",
     "TaskHead",
     "batchnorm_layout",
     "build_backbone",
     "check_image",
+    "flatten_folded",
     "fold_batchnorm_",
     "register_backbone",
     "unit_normals",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .anchor import AnchorNet, BNDeltas, check_image, fold_batchnorm_
+from .anchor import AnchorNet, BNDeltas, check_image, flatten_folded, fold_batchnorm_
 from .architecture import Architecture, Node
 from .cost import Cost, CostModel
 from .preference import Preference
@@ -56,9 +56,9 @@ def _adapted_copy(module: nn.Module, deltas: dict | None, fold_bn: bool) -> nn.M
         bn = module.get_submodule(name)
         bn.weight.add_(dgamma.to(bn.weight))
         bn.bias.add_(dbeta.to(bn.bias))
-    if fold_bn:
-        fold_batchnorm_(module)
-    return module.eval().requires_grad_(False)  # after folding: the Identity it leaves too
+    if fold_bn:  # each folded block becomes one module: fewer to copy and to call
+        module = flatten_folded(fold_batchnorm_(module))
+    return module.eval().requires_grad_(False)  # after folding: the modules it made too
 
 
 class MaterializedModel(nn.Module):
@@ -206,14 +206,14 @@ def share_module(
 class AdaptedNode:
     """What a :class:`Skeleton` needs of one node the weight hypernet adapts; the same for
     every tree that uses the node. Per adapted conv, in the order of the node's head: the id of
-    the conv in the folded node and its weight's shape, the anchor's unfolded weight as
-    (out channels, rest) rows; per channel (``vectors``, 4 x channels) gamma, beta,
+    its :class:`~dymu.anchor.FoldedConv` in the folded node and the anchor's unfolded weight
+    (``weights``); per channel (``vectors``, 4 x channels) gamma, beta,
     sqrt(var + eps) and conv bias - running mean; ``channels``, the node's channels in
     :attr:`FoldedAnchor.delta_weight`'s order; and ``inner``, the ids of the folded node's
     modules from the node down to each adapted conv (the ones a new preference must copy)."""
 
-    convs: tuple[tuple[int, tuple[int, ...]], ...]
-    weight_rows: tuple[torch.Tensor, ...]
+    convs: tuple[int, ...]
+    weights: tuple[torch.Tensor, ...]
     vectors: torch.Tensor
     channels: torch.Tensor
     inner: frozenset[int]
@@ -292,15 +292,14 @@ class FoldedAnchor:
             path = name.rsplit(".", 1)[0] if "." in name else ""
             cba = a_node.get_submodule(path)
             conv, bn = cba[0], cba[1]
-            target = folded.get_submodule(path)
-            convs.append((id(target[0]), tuple(conv.weight.shape)))
-            rows.append(conv.weight.detach().reshape(conv.weight.shape[0], -1))
+            target = folded.get_submodule(path)  # the block's FoldedConv
+            convs.append(id(target))
+            rows.append(conv.weight.detach())
             b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             std = torch.sqrt(bn.running_var + bn.eps)
             vecs.append(torch.stack([bn.weight, bn.bias, std, b - bn.running_mean]).detach())
             parts = path.split(".") if path else []
             inner |= {id(folded.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)}
-            inner.add(id(target[0]))
         start = self.offsets[node]
         channels = torch.arange(start, start + width, device=self.delta_weight.device)
         return AdaptedNode(
@@ -343,9 +342,8 @@ class Skeleton:
             if self.convs
             else frozenset()
         )
-        self.chans = [shape[0] for _, shape in self.convs]
-        # unfolded weights as (out channels, rest) rows, so a per-channel scale broadcasts
-        self.weight_rows = [w for p in parts for w in p.weight_rows]
+        self.weights = [w for p in parts for w in p.weights]  # unfolded, (out, in, kh, kw)
+        self.chans = [w.shape[0] for w in self.weights]
         self.folded = folded
         if self.convs:
             vectors = torch.cat([p.vectors for p in parts], dim=1)
@@ -381,7 +379,7 @@ class Skeleton:
             gamma, beta = gamma + dgamma, beta + dbeta
         scale = gamma / self.std
         # w' = w * s per output channel, every conv at once (one fused C++ loop over the list)
-        folded = torch._foreach_mul(self.weight_rows, list(scale[:, None].split(self.chans)))
+        folded = torch._foreach_mul(self.weights, list(scale.view(-1, 1, 1, 1).split(self.chans)))
         return folded, beta + self.shift * scale
 
     def instantiate(
@@ -390,10 +388,8 @@ class Skeleton:
         """The tree's :class:`MaterializedModel` for BN-delta features ``z``."""
         weights, biases = self.fold(z)
         replace = {
-            conv_id: {"weight": w.view(shape), "bias": b}
-            for (conv_id, shape), w, b in zip(
-                self.convs, weights, biases.split(self.chans), strict=True
-            )
+            conv_id: {"weight": w, "bias": b}
+            for conv_id, w, b in zip(self.convs, weights, biases.split(self.chans), strict=True)
         }
         net = share_module(self.template, replace, self.copied)
         net.__dict__["preference"] = preference  # a plain attribute (Module.__setattr__ is slow)

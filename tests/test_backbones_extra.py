@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from dymu.anchor import AnchorNet, ConvBNAct, build_backbone, fold_batchnorm_
+from dymu.anchor import (
+    AnchorNet,
+    ConvBNAct,
+    FoldedConv,
+    build_backbone,
+    flatten_folded,
+    fold_batchnorm_,
+)
 from dymu.backbones.deeplab import ASPP, DeepLabV3PlusHead
 from dymu.config import BackboneConfig, ModelConfig, TaskSpec
 
@@ -103,9 +110,34 @@ def test_batchnorm_only_in_convbnact_and_foldable(name, options):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = net(x)
-        folded = fold_batchnorm_(copy.deepcopy(net))(x)
+        folded = fold_batchnorm_(copy.deepcopy(net))
+        out = folded(x)
+        blocks = sum(isinstance(m, ConvBNAct) for m in folded.modules())
+        flat = flatten_folded(folded)
+        flat_out = flat(x)
     for k in ref:
-        torch.testing.assert_close(folded[k], ref[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(flat_out[k], out[k], rtol=0, atol=0)  # the same ops
+    # every block became one FoldedConv, and no block is left
+    assert sum(isinstance(m, FoldedConv) for m in flat.modules()) == blocks > 0
+    assert not any(isinstance(m, ConvBNAct) for m in flat.modules())
+
+
+def test_a_folded_conv_is_one_conv_module_sharing_the_blocks_tensors():
+    block = ConvBNAct(4, 6, 3, stride=2, groups=2, act=nn.ReLU6).eval()
+    block[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        ref = block(x)
+        with pytest.raises(ValueError, match="fold"):
+            FoldedConv.from_block(block)  # an unfolded block would lose its BatchNorm
+        block.fold_()
+        flat = flatten_folded(block)  # a block itself is replaced, not changed in place
+        torch.testing.assert_close(flat(x), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(flat, nn.Conv2d) and isinstance(flat.act, nn.ReLU6)
+    assert flat.weight is block[0].weight and flat.bias is block[0].bias
+    assert (flat.stride, flat.groups, flat.padding) == ((2, 2), 2, (1, 1))
+    assert not flat.training and flat.weight.device.type == "cpu"
 
 
 def test_aspp_batch_one_eval():

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import dymu
+from dymu.anchor import FoldedConv
 
 from .conftest import randomize_, tiny_config
 
@@ -60,6 +61,14 @@ def test_preferences_of_one_tree_share_the_skeleton_but_not_their_weights(tiny_m
     assert any(k.startswith("heads.") for k in shared)  # unadapted weights are shared
     assert own and all(k.startswith("nodes.") for k in own)  # adapted convs are per preference
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules())
+    # Each folded block is one module, so a preference copies exactly its adapted convs and
+    # their ancestors: nothing inside a conv, no Sequential of (conv, Identity, activation).
+    a_mods, b_mods = dict(a.named_modules()), dict(b.named_modules())
+    copied = [k for k in a_mods if a_mods[k] is not b_mods[k]]
+    convs = {k.rsplit(".", 1)[0] for k in own}
+    assert all(isinstance(b_mods[k], FoldedConv) for k in convs)
+    ancestors = {k.rsplit(".", i)[0] for k in convs for i in range(1, k.count(".") + 1)}
+    assert set(copied) == convs | ancestors | {""}
 
 
 def test_a_hook_on_a_switched_tree_does_not_reach_the_others(tiny_model):

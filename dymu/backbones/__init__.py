@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..config import BackboneConfig
 from ..errors import ConfigError
 from . import mobilenet, resnet, resnet9, small  # noqa: F401  (register the built-in recipes)
-from .base import BACKBONES, Backbone, ConvBNAct, register_backbone
+from .base import BACKBONES, Backbone, ConvBNAct, FoldedConv, register_backbone
 
 
 def build_backbone(config: BackboneConfig, in_channels: int) -> Backbone:
@@ -30,4 +30,11 @@ def build_backbone(config: BackboneConfig, in_channels: int) -> Backbone:
     return backbone
 
 
-__all__ = ["BACKBONES", "Backbone", "ConvBNAct", "build_backbone", "register_backbone"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "ConvBNAct",
+    "FoldedConv",
+    "build_backbone",
+    "register_backbone",
+]

@@ -58,6 +58,44 @@ class ConvBNAct(nn.Sequential):
         self[1] = nn.Identity()
 
 
+class FoldedConv(nn.Conv2d):
+    """A folded :class:`ConvBNAct` as one module: its biased conv, then its activation.
+
+    The same parameters and output as the folded block, in one module where the block is four
+    (the ``Sequential``, the conv, the ``Identity`` the BN left, the activation): a new
+    preference copies one module per adapted conv instead of two, and a forward calls half as
+    many (docs/benchmarks.md, "Issue 15, item 1: a folded block as one module"). A subclass of
+    ``nn.Conv2d``, so FLOP counting and ONNX export see a convolution.
+    """
+
+    @classmethod
+    def from_block(cls, block: ConvBNAct) -> FoldedConv:
+        """The folded ``block`` (:meth:`ConvBNAct.fold_` first) as one module, sharing its
+        parameters and activation module."""
+        conv, bn, act = block
+        if isinstance(bn, nn.BatchNorm2d):
+            raise ValueError("fold the ConvBNAct (fold_) before flattening it")
+        # on the meta device: no weights allocated and initialized only to be replaced
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+        )
+        new.weight, new.bias = conv.weight, conv.bias
+        new.act = act
+        return new.train(block.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self._conv_forward(x, self.weight, self.bias))
+
+
 class Backbone:
     """Recipe for one stream. Subclasses set ``num_layers``/``taps`` and build fresh modules.
 
