@@ -69,6 +69,11 @@ class ControllableModel(ConfigTasks, nn.Module):
         self._folded: FoldedAnchor | None = None
         self._anchor_bytes = 0
         self._skeleton_lock = threading.Lock()
+        self._frozen = False
+        # Loading weights into the anchor or the heads, through them or through the model
+        # (post hooks run for every module a load walks), rebuilds the skeletons even when frozen.
+        for part in (self.anchor, self.weight_hypernet):
+            part.register_load_state_dict_post_hook(self._weights_loaded)
 
     # -- description --------------------------------------------------------------------------
     @property
@@ -224,7 +229,8 @@ class ControllableModel(ConfigTasks, nn.Module):
 
     def _skeleton(self, arch: Architecture, task_idx: tuple[int, ...]) -> Skeleton:
         key = (arch.id, task_idx)
-        stamp = self._weights_stamp()
+        trusted = self._frozen and self._folded is not None
+        stamp = self._skeleton_stamp if trusted else self._weights_stamp()
         with self._skeleton_lock:
             if stamp != self._skeleton_stamp or self._folded is None:
                 self._skeletons.clear()
@@ -248,6 +254,46 @@ class ControllableModel(ConfigTasks, nn.Module):
             ):
                 self._skeletons.popitem(last=False)
         return made
+
+    # -- frozen weights ---------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`freeze` declared the weights final (see there)."""
+        return self._frozen
+
+    def freeze(self) -> ControllableModel:
+        """Declare the weights final, as a server does: ``materialize`` then trusts the
+        skeletons it keeps instead of reading the version counter of every anchor and head
+        tensor on each switch (~0.1 ms warm, 0.3-0.4 ms right after a predict on the shipped
+        model; docs/benchmarks.md, "Issue 15, item 1: a frozen model"). Loading weights
+        (``load_state_dict`` on the model, its anchor or its weight hypernet), ``.to()`` and
+        other conversions of the model, and ``train()`` still rebuild or unfreeze; changing a
+        tensor in place needs :meth:`unfreeze` first. Returns the model."""
+        self._frozen = True
+        return self
+
+    def unfreeze(self) -> ControllableModel:
+        """Check the weights on every switch again (the default). Returns the model."""
+        self._frozen = False
+        return self
+
+    def train(self, mode: bool = True) -> ControllableModel:
+        if mode:  # training changes the weights: a frozen model is frozen no more
+            self._frozen = False
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ControllableModel:
+        out = super()._apply(fn, recurse)  # .to(), .double(), .cuda(): new tensors
+        self._forget_skeletons()
+        return out
+
+    def _weights_loaded(self, module: nn.Module, incompatible: Any) -> None:
+        self._forget_skeletons()
+
+    def _forget_skeletons(self) -> None:
+        with self._skeleton_lock:
+            self._skeletons.clear()
+            self._folded = None
 
     # -- budgets (dymu/budget.py) -----------------------------------------------------------
     def c_segments(self, r: Any) -> list[Segment]:

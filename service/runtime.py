@@ -151,7 +151,9 @@ class LoadedModel:
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> LoadedModel:
-        model = dymu.load(settings.model_dir, device=settings.device)
+        # A served model's weights never change (/admin/reload loads a new one): frozen, a
+        # preference switch skips re-reading every weight's version counter.
+        model = dymu.load(settings.model_dir, device=settings.device).freeze()
         return cls(model, settings, metrics)
 
     # -- ids and validation (delegated to dymu.preference through prefid) -----------------------

@@ -88,6 +88,13 @@ def test_cost_map_point_limit_is_checked_before_the_grid_is_built():
     assert simplex_grid_size(3, 100) == MAX_COST_MAP_POINTS
 
 
+def test_the_served_model_is_frozen_and_a_script_model_is_not(tmp_path):
+    # the server's weights never change, so its switch skips the weights' check (model.freeze)
+    lm = LoadedModel.load(Settings(model_dir=save_tiny(tmp_path), backend="torch"), Metrics())
+    assert lm.model.frozen
+    assert not dymu.load(tmp_path / "tiny").frozen
+
+
 # ----------------------------------------------------------------------- GET /v1/cost-map
 def test_cost_map_gives_what_post_preference_gives_at_every_point(client):
     cmap = client.cost_map(c=0.3, resolution=5)

@@ -172,3 +172,36 @@ def test_a_converted_model_is_not_served_from_its_old_skeletons():
         model.weight_hypernet.mlp[0].bias.add_(0.5)
     net = model.materialize(r, c)
     assert close(outputs(net, x.double()), reference(model, net, x.double()))
+
+
+def test_a_frozen_model_trusts_its_skeletons_until_its_weights_are_loaded_or_converted(
+    monkeypatch,
+):
+    model = randomize_(dymu.create_model(tiny_config()), seed=6).eval()
+    x = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(4))
+    r, c = [0.3, 0.3, 0.4], 0.2
+    reads = []
+    stamp = model._weights_stamp
+    monkeypatch.setattr(model, "_weights_stamp", lambda: reads.append(1) or stamp())
+    assert model.freeze() is model and model.frozen
+    model.materialize(r, c)
+    model.materialize([0.1, 0.1, 0.8], 0.9)
+    assert len(reads) == 1  # the first build only: no version counters read per switch
+    model.unfreeze()
+    model.materialize(r, c)
+    assert len(reads) == 2  # unfrozen: every switch checks the weights again
+    model.freeze()
+    # weights loaded through the model or through its anchor: not served from the old folds
+    for target, seed in ((model, 7), (model.anchor, 8)):
+        before = outputs(model.materialize(r, c), x)
+        other = randomize_(dymu.create_model(tiny_config()), seed=seed)
+        target.load_state_dict((other if target is model else other.anchor).state_dict())
+        assert model.frozen
+        net = model.materialize(r, c)
+        assert not close(outputs(net, x), before)
+        assert close(outputs(net, x), reference(model, net, x))
+    model.double()  # a conversion rebuilds too
+    net = model.materialize(r, c)
+    assert close(outputs(net, x.double()), reference(model, net, x.double()))
+    model.train()  # training changes weights: the model is no longer frozen
+    assert not model.frozen

@@ -5,7 +5,10 @@ Parts (each round uses a new random preference, so nothing is cached by accident
 * ``hypernets``: ``model.controller``: edge hypernet -> arg-max tree and the weight hypernet's
   features, in one pass (the BN deltas themselves are one matmul inside the folding);
 * ``materialize``: the whole switch in torch, ``model.materialize(r, c)`` = hypernets + the
-  tree's skeleton (kept per tree) + BN deltas + folding of the adapted convs;
+  tree's skeleton (kept per tree) + BN deltas + folding of the adapted convs, on a frozen model
+  (``model.freeze()``: the service's, whose weights never change);
+* ``materialize, unfrozen``: the same on a model whose weights may still change (a script's
+  or a trainer's): every switch also reads every anchor and head tensor's version counter;
 * ``onnx weights``: feeding a preference's folded weights to its tree's existing ONNX session
   (``OnnxSession.weights``: what a switch adds when the tree was seen before);
 * ``onnx export + session``: a tree seen for the first time (``export_onnx`` + ``OnnxSession``,
@@ -32,7 +35,7 @@ from ..registry import Context, register_case
 from ..report import fmt, table
 from ..timing import interleave, paired_ratio, summarize
 
-PARTS = ("hypernets", "materialize", "onnx weights", "cache hit")
+PARTS = ("hypernets", "materialize", "materialize, unfrozen", "onnx weights", "cache hit")
 #: Issue 15, item 1: ``model.materialize`` for a new preference / one torch predict of its tree.
 MATERIALIZE_GOALS = {"96x128": 0.25, "288x384": 0.1}
 
@@ -75,6 +78,14 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         pr, pc = next(prefs)
         model.materialize(pr, pc)
 
+    def switch_unfrozen() -> None:
+        pr, pc = next(prefs)
+        model.unfreeze()
+        try:
+            model.materialize(pr, pc)
+        finally:
+            model.freeze()
+
     cache: PreferenceCache = PreferenceCache(64, 2**30)
     _, key = canonicalize(r, c, model.tasks)
     cache.put(key, SimpleNamespace(nbytes=0))
@@ -86,6 +97,7 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
     variants: dict[str, Any] = {
         "hypernets": hypernets,
         "materialize": switch,
+        "materialize, unfrozen": switch_unfrozen,
         "cache hit": cache_hit,
         "predict torch": lambda: net(x),
     }
@@ -143,6 +155,9 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         "materialize_over_predict_torch": paired_ratio(
             samples["materialize"], samples["predict torch"]
         ),
+        "materialize_unfrozen_over_predict_torch": paired_ratio(
+            samples["materialize, unfrozen"], samples["predict torch"]
+        ),
         "materialize_goal": MATERIALIZE_GOALS.get(size_label(hw)),
         "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
         "samples_s": samples,
@@ -151,9 +166,15 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
 
 def run(ctx: Context) -> dict[str, Any]:
     sizes = []
-    for size in ctx.config.switch_sizes:
-        ctx.log(f"  switch at {size}")
-        sizes.append(measure_size(ctx, size))
+    was_frozen = ctx.model.frozen
+    ctx.model.freeze()  # as the service serves it
+    try:
+        for size in ctx.config.switch_sizes:
+            ctx.log(f"  switch at {size}")
+            sizes.append(measure_size(ctx, size))
+    finally:
+        if not was_frozen:
+            ctx.model.unfreeze()
     return {"sizes": sizes}
 
 
@@ -165,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"**predict at {s['size']}, batch 1** (served backend: {s['served_backend']}; "
             f"switch / predict = **{s['switch_over_predict']:.2f}**; `model.materialize` / "
             f"torch predict = **{s['materialize_over_predict_torch']:.3f}**"
-            + (f", goal <= {goal:g})\n" if goal is not None else ")\n")
+            + (f", goal <= {goal:g}" if goal is not None else "")
+            + f"; unfrozen {s['materialize_unfrozen_over_predict_torch']:.3f})\n"
         )
         rows = [
             [name, fmt(p["median_ms"], 3), fmt(s["over_predict"].get(name), 3)]
