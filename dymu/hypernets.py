@@ -111,19 +111,27 @@ class WeightHypernet(nn.Module):
         """z, the MLP's output, from which every node's head is one linear map (§3.3.2)."""
         return run_mlp(self.mlp, self.embedding.forward(r, c))
 
+    def head(self, node: tuple[int, int]) -> nn.Linear:
+        """Node ``(layer, stream)``'s head: z -> [dgamma; dbeta] of its BN channels."""
+        return self.heads[_key(*node)]
+
     def forward(
         self, r: torch.Tensor, c: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None
     ) -> BNDeltas:
         """Deltas for ``nodes`` (all by default) for one preference (``r`` of shape (N,))."""
         if r.ndim != 1:
             raise ValueError("the weight hypernet takes one preference at a time (r of shape (N,))")
-        z = self.features(r, c)
+        return self.deltas(self.features(r, c), nodes)
+
+    def deltas(self, z: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None) -> BNDeltas:
+        """Deltas for ``nodes`` (all by default; nodes without BN are skipped) from one
+        preference's features ``z`` (:meth:`features`), per BN module by name."""
         deltas: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for node in self.layout if nodes is None else nodes:
             if node not in self.layout:
                 continue
             bns = self.layout[node]
-            dgamma, dbeta = self.heads[_key(*node)](z).chunk(2)
+            dgamma, dbeta = self.head(node)(z).chunk(2)
             sizes = [ch for _, ch in bns]
             deltas[node] = {
                 name: (g, b)

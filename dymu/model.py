@@ -105,10 +105,13 @@ class ControllableModel(ConfigTasks, nn.Module):
             return r
         return normalize_preference(r, c, self.tasks)
 
-    def _tensors(self, pref: Preference) -> tuple[torch.Tensor, torch.Tensor]:
-        # on the hypernets' device and dtype, so a model converted with .double() still runs
+    def _hyper_like(self) -> dict[str, Any]:
+        # the hypernets' device and dtype, so a model converted with .double() still runs
         weight = self.edge_hypernet.embedding.cost_embedding
-        return pref.tensors(device=weight.device, dtype=weight.dtype)
+        return {"device": weight.device, "dtype": weight.dtype}
+
+    def _tensors(self, pref: Preference) -> tuple[torch.Tensor, torch.Tensor]:
+        return pref.tensors(**self._hyper_like())
 
     @torch.no_grad()
     def edge_logits(self, r: Any, c: Any = None) -> torch.Tensor:
@@ -125,9 +128,9 @@ class ControllableModel(ConfigTasks, nn.Module):
         (e.g. a grid over the simplex for a cost map); element i is ``architecture(prefs[i])``."""
         if not preferences:
             return []
-        weight = self.edge_hypernet.embedding.cost_embedding
-        r = torch.tensor([p.r for p in preferences], device=weight.device, dtype=weight.dtype)
-        c = torch.tensor([p.c for p in preferences], device=weight.device, dtype=weight.dtype)
+        like = self._hyper_like()
+        r = torch.tensor([p.r for p in preferences], **like)
+        c = torch.tensor([p.c for p in preferences], **like)
         parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()  # (B, L-1, N): one transfer
         return [Architecture.from_parents(rows, self.n_tasks, self.n_layers) for rows in parents]
 
@@ -171,7 +174,8 @@ class ControllableModel(ConfigTasks, nn.Module):
         with torch.no_grad():
             arch, z = self.controller(pref, architecture, adapt)
             if not fold_bn:  # the unfolded tree (a reference for tests): built node by node
-                deltas = self._deltas_of(z, arch.node_list(task_idx)) if adapt else None
+                nodes = arch.node_list(task_idx)
+                deltas = self.weight_hypernet.deltas(z, nodes) if z is not None else None
                 return MaterializedModel(
                     self.anchor, arch, task_idx, self.cost_model, deltas, False, pref
                 )
@@ -195,21 +199,6 @@ class ControllableModel(ConfigTasks, nn.Module):
                 f"model is N={self.n_tasks}, L={self.n_layers}"
             )
         return architecture, z
-
-    def _deltas_of(self, z: torch.Tensor | None, nodes: list[tuple[int, int]]) -> BNDeltas:
-        wh = self.weight_hypernet
-        out = {}
-        for node in nodes:
-            if z is not None and node in wh.layout:
-                dgamma, dbeta = wh.heads[f"l{node[0]}_s{node[1]}"](z).chunk(2)
-                sizes = [ch for _, ch in wh.layout[node]]
-                out[node] = {
-                    name: (g, b)
-                    for (name, _), g, b in zip(
-                        wh.layout[node], dgamma.split(sizes), dbeta.split(sizes), strict=True
-                    )
-                }
-        return out
 
     def _weights_stamp(self) -> tuple[int, int, int]:
         """Changes whenever a weight the skeletons were built from changes: an optimizer step
@@ -236,7 +225,7 @@ class ControllableModel(ConfigTasks, nn.Module):
                 self._skeletons.clear()
                 self._skeleton_stamp = stamp
                 wh = self.weight_hypernet
-                heads = {node: wh.heads[f"l{node[0]}_s{node[1]}"] for node in wh.layout}
+                heads = {node: wh.head(node) for node in wh.layout}
                 self._folded = FoldedAnchor(self.anchor, wh.layout, heads)
                 self._anchor_bytes = _nbytes(self.anchor)
             found = self._skeletons.get(key)
