@@ -254,10 +254,10 @@ class ControllableModel(ConfigTasks, nn.Module):
         """Declare the weights final, as a server does: ``materialize`` then trusts the
         skeletons it keeps instead of reading the version counter of every anchor and head
         tensor on each switch (~0.1 ms warm, 0.3-0.4 ms right after a predict on the shipped
-        model; docs/benchmarks.md, "Issue 15, item 1: a frozen model"). Loading weights
-        (``load_state_dict`` on the model, its anchor or its weight hypernet), ``.to()`` and
-        other conversions of the model, and ``train()`` still rebuild or unfreeze; changing a
-        tensor in place needs :meth:`unfreeze` first. Returns the model."""
+        model; docs/core.md, "Frozen weights"). Loading weights (``load_state_dict`` on the
+        model, its anchor or its weight hypernet), ``.to()`` and other conversions of the
+        model still rebuild, and ``train()`` unfreezes; changing a tensor in place needs
+        :meth:`unfreeze` first. Returns the model."""
         self._frozen = True
         return self
 

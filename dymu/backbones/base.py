@@ -64,8 +64,8 @@ class FoldedConv(nn.Conv2d):
     The same parameters and output as the folded block, in one module where the block is four
     (the ``Sequential``, the conv, the ``Identity`` the BN left, the activation): a new
     preference copies one module per adapted conv instead of two, and a forward calls half as
-    many (docs/benchmarks.md, "Issue 15, item 1: a folded block as one module"). A subclass of
-    ``nn.Conv2d``, so FLOP counting and ONNX export see a convolution.
+    many (docs/benchmarks.md, "Issue 15, item 1: a folded block as one module, a frozen
+    model"). A subclass of ``nn.Conv2d``, so FLOP counting and ONNX export see a convolution.
     """
 
     @classmethod
