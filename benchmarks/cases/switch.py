@@ -58,17 +58,14 @@ def onnx_ok() -> bool:
     return onnx_available()
 
 
-def measure_size(ctx: Context, size: str) -> dict[str, Any]:
+def _torch_variants(
+    model: Any, net: Any, x: torch.Tensor, r: list[float], c: float, seed: int
+) -> dict[str, Any]:
+    """The parts timed in torch, each a call on a new random preference (but the cache hit)."""
     from dymu.preference import canonicalize
-    from service.backends import OnnxSession, export_onnx
     from service.cache import PreferenceCache
 
-    model, hw, cfg = ctx.model, ctx.hw(size), ctx.config
-    x = ctx.images(1, hw)
-    r, c = served_preference(model.n_tasks)
-    with torch.no_grad():
-        net = model.materialize(r, c)
-    prefs = itertools.cycle(random_preferences(model.n_tasks, 64, cfg.seed))
+    prefs = itertools.cycle(random_preferences(model.n_tasks, 64, seed))
 
     def hypernets() -> None:  # both hypernets, as materialize runs them (one pass)
         pr, pc = next(prefs)
@@ -94,38 +91,54 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         _, k = canonicalize(r, c, model.tasks)
         assert cache.get(k) is not None
 
-    variants: dict[str, Any] = {
+    return {
         "hypernets": hypernets,
         "materialize": switch,
         "materialize, unfrozen": switch_unfrozen,
         "cache hit": cache_hit,
         "predict torch": lambda: net(x),
     }
-    number = {"cache hit": 200}
-    session = None
+
+
+def _sample(ctx: Context, net: Any, x: torch.Tensor, hw: tuple[int, int], variants: dict) -> dict:
+    """Every part's samples, in interleaved rounds; with ONNX Runtime, its predict and weights
+    too, and a new tree's export + session against its predict in rounds of their own."""
+    from service.backends import OnnxSession, export_onnx
+
+    cfg, session = ctx.config, None
     if onnx_ok():
-        session = OnnxSession(export_onnx(net, hw), ctx.device, ctx.config.threads)
+        session = OnnxSession(export_onnx(net, hw), ctx.device, cfg.threads)
         weights = session.weights(net)
         xn = x.cpu().numpy()
         variants["onnx weights"] = lambda: session.weights(net)
         variants["predict onnx"] = lambda: session.run(xn, weights)
+    number = {"cache hit": 200}
     with torch.no_grad():
         samples = interleave(variants, cfg.switch_rounds, warmup=1, number=number, sync=ctx.sync)
-        if session is not None:  # first sight of a tree: every round a different one
-            trees = itertools.cycle(hand_made_trees(model))
-            nets = [materialize(model, next(trees)) for _ in range(cfg.export_rounds + 1)]
-            fresh = iter(nets)
-            export = {
-                "onnx export + session": lambda: OnnxSession(
-                    export_onnx(next(fresh), hw), ctx.device, ctx.config.threads
-                ),
-                "predict onnx": variants["predict onnx"],
-            }
-            extra = interleave(export, cfg.export_rounds, warmup=1, sync=ctx.sync)
-            samples["onnx export + session"] = extra["onnx export + session"]
-            samples["predict onnx (export rounds)"] = extra["predict onnx"]
-    served = "predict onnx" if session is not None else "predict torch"
-    parts = {name: summarize(s) for name, s in samples.items()}
+        if session is None:
+            return samples
+        trees = itertools.cycle(hand_made_trees(ctx.model))  # first sight of a tree each round
+        fresh = iter([materialize(ctx.model, next(trees)) for _ in range(cfg.export_rounds + 1)])
+        export = {
+            "onnx export + session": lambda: OnnxSession(
+                export_onnx(next(fresh), hw), ctx.device, cfg.threads
+            ),
+            "predict onnx": variants["predict onnx"],
+        }
+        extra = interleave(export, cfg.export_rounds, warmup=1, sync=ctx.sync)
+    samples["onnx export + session"] = extra["onnx export + session"]
+    samples["predict onnx (export rounds)"] = extra["predict onnx"]
+    return samples
+
+
+def measure_size(ctx: Context, size: str) -> dict[str, Any]:
+    model, hw = ctx.model, ctx.hw(size)
+    x = ctx.images(1, hw)
+    r, c = served_preference(model.n_tasks)
+    with torch.no_grad():
+        net = model.materialize(r, c)
+    samples = _sample(ctx, net, x, hw, _torch_variants(model, net, x, r, c, ctx.config.seed))
+    served = "predict onnx" if "predict onnx" in samples else "predict torch"
     ratios: dict[str, float] = {}
     for part in (*PARTS, "onnx export + session"):
         if part not in samples:
@@ -134,29 +147,22 @@ def measure_size(ctx: Context, size: str) -> dict[str, Any]:
         ratios[part] = paired_ratio(samples[part], samples[ref])
     # materialize = hypernets + (tree + BN deltas + folding): the second part, per round
     tree_part = [m - h for m, h in zip(samples["materialize"], samples["hypernets"], strict=True)]
-    parts_derived = {"tree + BN deltas + folding (materialize - hypernets)": tree_part}
-    for name, s in parts_derived.items():
+    derived = {"tree + BN deltas + folding (materialize - hypernets)": tree_part}
+    for name, s in derived.items():
         ratios[name] = paired_ratio(s, samples[served])
-    switch_s = [
-        m + w
-        for m, w in zip(
-            samples["materialize"],
-            samples.get("onnx weights", [0.0] * len(samples["materialize"])),
-            strict=True,
-        )
-    ]
+    weights_s = samples.get("onnx weights", [0.0] * len(samples["materialize"]))
+    switch_s = [m + w for m, w in zip(samples["materialize"], weights_s, strict=True)]
+    torch_predict = samples["predict torch"]
     return {
         "size": size_label(hw),
         "served_backend": served.removeprefix("predict "),
         "preference": {"r": r, "c": c},
-        "parts": {**parts, **{n: summarize(s) for n, s in parts_derived.items()}},
+        "parts": {name: summarize(s) for name, s in {**samples, **derived}.items()},
         "over_predict": ratios,
         "switch_over_predict": paired_ratio(switch_s, samples[served]),
-        "materialize_over_predict_torch": paired_ratio(
-            samples["materialize"], samples["predict torch"]
-        ),
+        "materialize_over_predict_torch": paired_ratio(samples["materialize"], torch_predict),
         "materialize_unfrozen_over_predict_torch": paired_ratio(
-            samples["materialize, unfrozen"], samples["predict torch"]
+            samples["materialize, unfrozen"], torch_predict
         ),
         "materialize_goal": MATERIALIZE_GOALS.get(size_label(hw)),
         "switch_definition": "materialize (+ onnx weights when ONNX serves) / predict, per round",
