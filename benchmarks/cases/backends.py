@@ -2,7 +2,9 @@
 channels-last on and off (and, on CUDA, float16 autocast: the service's torch path there).
 
 ONNX sessions are the service's own (``service.backends.export_onnx`` + ``OnnxSession``: weights
-as graph inputs, so ORT cannot fold BN itself; the unfolded graph keeps BatchNormalization).
+as graph inputs). An unfolded tree is not timed on ONNX Runtime: in eval mode the exporter fuses
+each Conv+BN itself, into weights that no module parameter can feed, and the case reports it as
+skipped.
 Achieved GFLOP/s use the cost model's FLOPs (1 MAC = 2 FLOPs) and are compared with the CPU's
 FMA peak and a measured large matmul (``peak`` in the JSON).
 """
