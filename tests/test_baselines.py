@@ -96,6 +96,9 @@ def test_baseline_trains_materializes_costs_saves_and_loads(name, trained, tiny)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["train_seconds"] > 0 and manifest["steps"] == 3 * (2 if name == "static" else 1)
     assert manifest["control_params"] == method.control_params
+    if name != "static":  # a run repeats bit for bit only with the same torch and CPU threads
+        record = manifest["training"]
+        assert record["torch_threads"] == torch.get_num_threads() and record["device"] == "cpu"
 
 
 def test_control_params_are_the_hypernetworks(trained):

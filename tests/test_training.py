@@ -41,6 +41,9 @@ def test_all_stages_write_a_loadable_artifact(tiny_run):
     assert m["input_size"] == [24, 32]
     assert m["training"]["command"] == "pytest" and m["training"]["seed"] == 0
     assert set(m["training"]["stages"]) == {"anchor", "affinity", "edge", "weight"}
+    # what decides the bits of a CPU run besides config, seed and data
+    assert m["training"]["torch"] == torch.__version__ and m["training"]["device"] == "cpu"
+    assert m["training"]["torch_threads"] == torch.get_num_threads()
     affinity = torch.tensor(m["task_affinity"])
     assert affinity.shape == (3, 3) and torch.allclose(affinity.diagonal(), torch.ones(3))
     assert ((affinity >= 0) & (affinity <= 1)).all()

@@ -213,6 +213,18 @@ def run_stages(run: Run, stages: tuple[str, ...], position: Position | None) -> 
     return True
 
 
+def compute_record(device: torch.device | str) -> dict[str, Any]:
+    """Where a model was trained, as its manifest's ``training`` entry records it: the device,
+    torch's version and its CPU threads. On a CPU the thread count decides how each reduction
+    is split, so a run repeats bit for bit only with the same threads as well as the same
+    config, seed and data (docs/training.md, "Reproducibility")."""
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def training_record(request: RunRequest, run: Run) -> dict[str, Any]:
     """The artifact's ``training`` entry: how the model was made."""
     config = request.config
@@ -223,9 +235,8 @@ def training_record(request: RunRequest, run: Run) -> dict[str, Any]:
         "data": {"name": config.data.name, "root": config.data.root, **config.data.options},
         "stages": run.completed,
         "wall_s": round(sum(v["wall_s"] for v in run.completed.values()), 2),
-        "device": str(run.device),
         "processes": request.dist.world,
-        "torch": torch.__version__,
+        **compute_record(run.device),
     }
 
 

@@ -27,7 +27,7 @@ from dymu.preference import sample_preference, sample_simplex
 from ..config import HypernetStage, TrainConfig
 from ..data import split_dataset
 from ..loop import task_stats, train_stage
-from ..pipeline import model_config
+from ..pipeline import compute_record, model_config
 from ..run import LOG, Run, step_generator
 from ..tasks import weighted_task_loss
 from .methods import BASELINES, PHN, Baseline, GeneratorOptions, StaticMTL
@@ -125,8 +125,7 @@ def _record(
         "lr_decay_every": budget.decay_every(),
         "eta": budget.eta,
         "train_seconds": seconds,
-        "device": str(device),
-        "torch": torch.__version__,
+        **compute_record(device),
         "data": {"name": config.data.name, "root": config.data.root, **config.data.options},
         "config": config.model_dump(mode="json"),
     }
