@@ -76,8 +76,14 @@ class _TupleOut(nn.Module):
 
 
 def export_onnx(net: MaterializedModel, input_hw: tuple[int, int]) -> bytes:
-    """The tree of ``net`` as ONNX, weights as inputs, dynamic batch/height/width."""
+    """The tree of ``net`` as ONNX, weights as inputs, dynamic batch/height/width.
+
+    An unfolded tree keeps its BatchNormalization nodes (exported as they are): in eval mode
+    the exporter would fuse each Conv+BN itself, into weights no module parameter can feed.
+    """
     wrapper = _TupleOut(clone_module(net).cpu().float().eval())
+    # PRESERVE exports the modules' own (eval) mode without the eval-only Conv+BN fusion
+    mode = torch.onnx.TrainingMode.EVAL if net.bn_folded else torch.onnx.TrainingMode.PRESERVE
     example = torch.zeros(1, net.in_channels, *input_hw)
     buf = io.BytesIO()
     dyn = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
@@ -94,6 +100,7 @@ def export_onnx(net: MaterializedModel, input_hw: tuple[int, int]) -> bytes:
             output_names=list(net.tasks),
             dynamic_axes=dyn,
             opset_version=17,
+            training=mode,
         )
     return buf.getvalue()
 

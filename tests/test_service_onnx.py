@@ -129,3 +129,25 @@ def test_backend_auto_serves_the_fastest_measured_backend(store):
         assert res.metrics.backend == info.backend
     with running(store, backend="torch") as srv, DymuClient(srv.url) as client:
         assert client.model().backend_times_ms is None  # a fixed backend is not measured
+
+
+def test_an_unfolded_tree_exports_with_its_batchnorm_and_matches_torch(model):
+    # In eval mode the exporter would fuse Conv+BN into tensors no module parameter can feed;
+    # the unfolded tree keeps its BatchNormalization nodes, fed by the module's own BN tensors.
+    import onnx
+    import torch
+
+    from service.backends import OnnxSession, export_onnx
+
+    x = torch.rand(2, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    for fold in (True, False):
+        net = model.materialize([0.5, 0.2, 0.3], 0.4, fold_bn=fold)
+        data = export_onnx(net, (24, 32))
+        ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
+        assert ("BatchNormalization" in ops) is not fold
+        session = OnnxSession(data, torch.device("cpu"), 1)
+        out = session.run(x.numpy(), session.weights(net))
+        with torch.no_grad():
+            ref = net(x)
+        for name, got in zip(session.output_names, out, strict=True):
+            np.testing.assert_allclose(got, ref[name].numpy(), rtol=1e-4, atol=1e-4)

@@ -2,9 +2,7 @@
 channels-last on and off (and, on CUDA, float16 autocast: the service's torch path there).
 
 ONNX sessions are the service's own (``service.backends.export_onnx`` + ``OnnxSession``: weights
-as graph inputs). An unfolded tree is not timed on ONNX Runtime: in eval mode the exporter fuses
-each Conv+BN itself, into weights that no module parameter can feed, and the case reports it as
-skipped.
+as graph inputs, so ORT cannot fold BN itself; the unfolded graph keeps BatchNormalization).
 Achieved GFLOP/s use the cost model's FLOPs (1 MAC = 2 FLOPs) and are compared with the CPU's
 FMA peak and a measured large matmul (``peak`` in the JSON).
 """
@@ -62,9 +60,7 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
             session = OnnxSession(export_onnx(net, hw), ctx.device, ctx.config.threads)
             try:
                 weights = session.weights(net)
-            except RuntimeError as exc:
-                # In eval mode the TorchScript exporter fuses Conv+BN itself; with the weights as
-                # graph inputs the fused weights become inputs no module parameter can feed.
+            except RuntimeError as exc:  # a graph input no module tensor feeds
                 skipped[f"onnx, {label}"] = str(exc)
                 continue
             variants[f"onnx, {label}"] = lambda s=session, w=weights: s.run(xn, w)
