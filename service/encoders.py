@@ -16,11 +16,15 @@ and its CRC-32 is vectorized (docs/benchmarks.md, "Issue 15, item 2").
 ``.npz`` (:func:`npz_parts`): the archive ``numpy.savez`` writes (uncompressed ZIP of ``.npy``
 members), as a list of buffers: the ZIP and ``.npy`` headers, and the arrays' own memory. The
 server writes them to the socket as they are (service/responses.py); ``numpy.load`` reads the
-joined bytes.
+joined bytes. :func:`read_npz` reads such an archive back (the Python client's reply) as
+views of the buffer it arrived in, each member's CRC-32 checked: ``numpy.load`` goes through
+``zipfile``, the stdlib's CRC-32 and two copies, 2.3 ms for a 288x384 reply of 4.4 MB against
+0.3 ms (docs/service.md, "The client").
 """
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Mapping
 
@@ -115,3 +119,84 @@ def npz_parts(arrays: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
     directory = b"".join(central)
     end = _END.pack(0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0)
     return [*chunks, directory + end]
+
+
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_STORED = 0
+#: ZIP fields that mean "see the ZIP64 extra field": such members go through numpy.load.
+_ZIP64 = 0xFFFFFFFF
+
+
+def read_npz(buffer: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (member ``<name>.npy`` -> ``name``), as :func:`numpy.load`
+    reads them: uncompressed members as views of ``buffer`` (writable when ``buffer`` is), with
+    their CRC-32 checked; an archive with compressed or ZIP64 members is read by
+    ``numpy.load``. Raises ``ValueError`` on a truncated or corrupt archive."""
+    view = memoryview(buffer).cast("B")
+    members = _central_directory(view)
+    if members is None:
+        with np.load(io.BytesIO(view), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    out = {}
+    for name, crc, size, offset in members:
+        member = _member_bytes(view, name, size, offset)
+        if zlib.crc32(member) != crc:
+            raise ValueError(f"npz member {name!r} fails its CRC-32 check")
+        out[name.removesuffix(".npy")] = _npy_array(member, name)
+    return out
+
+
+def _central_directory(view: memoryview) -> list[tuple[str, int, int, int]] | None:
+    """(name, CRC-32, size, local header offset) per member, or None when a member is
+    compressed or ZIP64 (numpy.load's business)."""
+    tail = bytes(view[-(_END.size + 65_535) :])  # the end record, after at most a 64 KB comment
+    at = tail.rfind(_EOCD_SIGNATURE)
+    if at < 0 or len(tail) - at < _END.size:
+        raise ValueError("not an npz archive (no ZIP end of central directory)")
+    *_, count, dir_size, dir_offset, _ = _END.unpack_from(tail, at)
+    if _ZIP64 in (dir_size, dir_offset):
+        return None
+    if dir_offset + dir_size > len(view) - (len(tail) - at):
+        raise ValueError("truncated or corrupt npz archive (its directory lies past its end)")
+    members, pos = [], dir_offset
+    for _ in range(count):
+        fields = _CENTRAL.unpack_from(view, pos)
+        method, (crc, csize, size, nlen, xlen, clen) = fields[4], fields[7:13]
+        offset = fields[16]
+        if method != _STORED or _ZIP64 in (csize, size, offset):
+            return None
+        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen]).decode()
+        members.append((name, crc, size, offset))
+        pos += _CENTRAL.size + nlen + xlen + clen
+    return members
+
+
+def _member_bytes(view: memoryview, name: str, size: int, offset: int) -> memoryview:
+    if offset + _LOCAL.size > len(view):
+        raise ValueError(f"npz member {name!r}: truncated archive")
+    local = _LOCAL.unpack_from(view, offset)
+    start = offset + _LOCAL.size + local[9] + local[10]  # after the name and the extra field
+    if local[0] != 0x04034B50 or start + size > len(view):
+        raise ValueError(f"npz member {name!r}: truncated or corrupt archive")
+    return view[start : start + size]
+
+
+def _npy_array(member: memoryview, name: str) -> np.ndarray:
+    """The ``.npy`` in ``member`` as a view of it (numpy's own header parser)."""
+    head = io.BytesIO(member[: 65_536 + 12])  # magic, length and a header of at most 64 KB
+    version = np.lib.format.read_magic(head)
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    if version not in readers:  # format 3.0 (UTF-8 field names): numpy reads it, with a copy
+        return np.lib.format.read_array(io.BytesIO(member), allow_pickle=False)
+    shape, fortran, dtype = readers[version](head)
+    if dtype.hasobject:
+        raise ValueError(f"npz member {name!r} holds Python objects, which are not read")
+    data = member[head.tell() :]
+    count = int(np.prod(shape, dtype=np.int64))
+    if data.nbytes != count * dtype.itemsize:
+        raise ValueError(f"npz member {name!r}: {data.nbytes} bytes for shape {shape} {dtype}")
+    arr = np.frombuffer(data, dtype, count)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)

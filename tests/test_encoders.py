@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.encoders import npz_parts, png_bytes
+from service.encoders import npz_parts, png_bytes, read_npz
 from service.imaging import encode_npz
 
 RNG = np.random.default_rng(0)
@@ -61,3 +61,52 @@ def test_encode_npz_keeps_float32_and_metrics():
     with np.load(io.BytesIO(data)) as z:
         assert z["depth"].dtype == np.float32 and z["depth"].shape == (1, 2, 3)
         assert json.loads(str(z["_metrics"])) == {"model_ms": 1.5}
+
+
+def _reply_arrays() -> dict[str, np.ndarray]:
+    return {
+        "a": RNG.standard_normal((3, 4, 5)).astype(np.float32),
+        "ints": np.arange(7, dtype=np.int16),
+        "empty": np.zeros((0, 3), np.float32),
+        "scalar": np.float64(2.5),
+        "_metrics": np.array(json.dumps({"x": 1})),
+    }
+
+
+def test_read_npz_views_the_buffer_it_is_given():
+    arrays = _reply_arrays()
+    buffer = bytearray(b"".join(npz_parts(arrays)))
+    out = read_npz(buffer)
+    assert sorted(out) == sorted(arrays)
+    for k, v in arrays.items():
+        assert out[k].dtype == v.dtype and out[k].shape == np.shape(v)
+        assert np.array_equal(out[k], v)
+    assert np.shares_memory(out["a"], np.frombuffer(buffer, np.uint8))  # no copy
+    assert out["a"].flags.writeable  # a bytearray's views are, as numpy.load's arrays
+    assert not read_npz(bytes(buffer))["a"].flags.writeable
+
+
+def test_read_npz_reads_what_numpy_writes():
+    fortran = np.asfortranarray(RNG.standard_normal((3, 4)))
+    buf = io.BytesIO()
+    np.savez(buf, fortran=fortran, flags=np.array([True, False]), zero_d=np.int32(7))
+    out = read_npz(buf.getvalue())
+    assert out["fortran"].flags.f_contiguous and np.array_equal(out["fortran"], fortran)
+    assert out["flags"].tolist() == [True, False] and out["zero_d"] == 7
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.arange(10))  # deflated members: read by numpy.load
+    assert read_npz(buf.getvalue())["x"].tolist() == list(range(10))
+
+
+def test_read_npz_refuses_corrupt_and_truncated_archives():
+    arrays = _reply_arrays()
+    data = bytearray(b"".join(npz_parts(arrays)))
+    at = data.find(arrays["a"].tobytes()[:16])
+    flipped = bytearray(data)
+    flipped[at + 5] ^= 0xFF
+    with pytest.raises(ValueError, match=r"'a\.npy' fails its CRC-32"):
+        read_npz(flipped)
+    with pytest.raises(ValueError, match="no ZIP end of central directory"):
+        read_npz(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        read_npz(data[200:])  # the directory's offsets now point past the data

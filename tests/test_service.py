@@ -425,6 +425,7 @@ def test_predict_with_id_json_and_npz(client, model, info):
     assert npz.format == "npz" and set(npz.outputs) == set(TASKS)
     for t in TASKS:
         assert npz.outputs[t].dtype == np.float32
+        assert npz.outputs[t].flags.writeable  # as numpy.load gives them: the client's own buffer
         np.testing.assert_allclose(npz.outputs[t], ref[t], atol=1e-4, rtol=1e-4)
     m = npz.metrics
     assert m.preference_id == rec.preference_id and m.architecture_id == rec.architecture.id

@@ -137,6 +137,7 @@ def test_100_concurrent_predictions_over_8_preferences(busy, model):
         assert res.metrics.architecture_id == records[p].architecture.id
         assert res.metrics.flops == records[p].cost.flops
         for t in TASKS:
+            assert res.outputs[t].flags.writeable  # the async client's own buffer, as numpy.load
             np.testing.assert_allclose(res.outputs[t], refs[p, i][t], atol=1e-4, rtol=1e-4)
         batch_sizes.append(res.metrics.batch_size)
     assert all(1 <= b <= 8 for b in batch_sizes)
