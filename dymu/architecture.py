@@ -148,6 +148,16 @@ class Architecture:
     def num_used_nodes(self, tasks: Iterable[int] | None = None) -> int:
         return sum(len(u) for u in self.used_nodes(tasks))
 
+    def readers(self, layer: int, stream: int) -> tuple[int, ...]:
+        """The tasks whose path from the image to their head runs through node
+        ``(layer, stream)`` (empty for an unused node)."""
+        return tuple(t for t in range(self.n_tasks) if self.ancestor(layer, t) == stream)
+
+    def reader_sets(self) -> tuple[tuple[int, ...], ...]:
+        """The distinct :meth:`readers` of the used nodes, sorted: one row each of a weight
+        hypernet that conditions every node on its readers' preference."""
+        return tuple(sorted({self.readers(l, j) for l, j in self.node_list()}))
+
     def is_shared(self, layer: int, stream: int, tasks: Iterable[int] | None = None) -> bool:
         """Whether node ``(layer, stream)`` feeds more than one head."""
         heads = range(self.n_tasks) if tasks is None else tasks

@@ -101,6 +101,10 @@ class HypernetConfig(BaseModel):
     embed_dim: int = Field(default=32, ge=1)
     edge_hidden: tuple[int, ...] = (100, 100)
     weight_hidden: tuple[int, ...] = (100, 100, 100)
+    #: What each node's BN deltas are a function of: "preference", (r, c) as in §3.3.2; or
+    #: "readers", c and r restricted to the tasks that read the node, renormalized (a departure:
+    #: docs/training.md, "Deltas from the readers' preference")
+    weight_input: Literal["preference", "readers"] = "preference"
 
 
 class ModelConfig(BaseModel):

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchor import BNDeltas
+from .architecture import Architecture
+
+Node = tuple[int, int]
+#: What a node's deltas are a function of (:class:`dymu.config.HypernetConfig.weight_input`).
+WEIGHT_INPUTS = ("preference", "readers")
 
 
 class PreferenceEmbedding(nn.Module):
@@ -81,7 +86,8 @@ class WeightHypernet(nn.Module):
     """h-bar(r, c; phi-bar): (dgamma, dbeta) for every BatchNorm channel of every node (§3.3.2).
 
     One zero-initialized linear head per node, so the deltas start at exactly zero and the
-    untrained controller reproduces the anchor's weights.
+    untrained controller reproduces the anchor's weights. ``inputs="readers"`` feeds each node
+    its readers' preference (:func:`readers_preference`) instead of ``(r, c)``.
     """
 
     def __init__(
@@ -90,8 +96,12 @@ class WeightHypernet(nn.Module):
         bn_layout: Sequence[tuple[tuple[int, int], Sequence[tuple[str, int]]]],
         embed_dim: int = 32,
         hidden: Sequence[int] = (100, 100, 100),
+        inputs: str = "preference",
     ) -> None:
         super().__init__()
+        if inputs not in WEIGHT_INPUTS:
+            raise ValueError(f"inputs must be one of {WEIGHT_INPUTS}, not {inputs!r}")
+        self.inputs = inputs
         self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
         self.mlp = mlp(embed_dim, hidden)
         width = hidden[-1] if hidden else embed_dim
@@ -107,31 +117,62 @@ class WeightHypernet(nn.Module):
     def num_bn_channels(self) -> int:
         return sum(ch for bns in self.layout.values() for _, ch in bns)
 
-    def features(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """z, the MLP's output, from which every node's head is one linear map (§3.3.2)."""
+    def features(
+        self, r: torch.Tensor, c: torch.Tensor, architecture: Architecture | None = None
+    ) -> torch.Tensor:
+        """z, the MLP's output, from which every node's head is one linear map (§3.3.2): (D,)
+        from ``(r, c)``, or with ``inputs="readers"`` (K, D), row k from the preference of
+        ``architecture.reader_sets()[k]`` (:func:`readers_preference`)."""
+        if self.inputs == "readers":
+            if architecture is None:
+                raise ValueError("a weight hypernet on the readers' preference needs the tree")
+            r = readers_preference(r, architecture.reader_sets())
+            c = torch.as_tensor(c, dtype=r.dtype, device=r.device).expand(len(r))
         return run_mlp(self.mlp, self.embedding.forward(r, c))
 
-    def head(self, node: tuple[int, int]) -> nn.Linear:
+    def head(self, node: Node) -> nn.Linear:
         """Node ``(layer, stream)``'s head: z -> [dgamma; dbeta] of its BN channels."""
         return self.heads[_key(*node)]
 
     def forward(
-        self, r: torch.Tensor, c: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None
+        self,
+        r: torch.Tensor,
+        c: torch.Tensor,
+        nodes: Sequence[Node] | None = None,
+        architecture: Architecture | None = None,
     ) -> BNDeltas:
-        """Deltas for ``nodes`` (all by default) for one preference (``r`` of shape (N,))."""
+        """Deltas for ``nodes`` (all by default) for one preference (``r`` of shape (N,));
+        ``architecture``, the tree they serve, is needed with ``inputs="readers"``."""
         if r.ndim != 1:
             raise ValueError("the weight hypernet takes one preference at a time (r of shape (N,))")
-        return self.deltas(self.features(r, c), nodes)
+        return self.deltas(self.features(r, c, architecture), nodes, architecture)
 
-    def deltas(self, z: torch.Tensor, nodes: Sequence[tuple[int, int]] | None = None) -> BNDeltas:
+    def deltas(
+        self,
+        z: torch.Tensor,
+        nodes: Sequence[Node] | None = None,
+        architecture: Architecture | None = None,
+    ) -> BNDeltas:
         """Deltas for ``nodes`` (all by default; nodes without BN are skipped) from one
-        preference's features ``z`` (:meth:`features`), per BN module by name."""
-        deltas: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        preference's features ``z`` (:meth:`features`), per BN module by name. With features
+        per reader set, nodes that ``architecture`` does not use have no readers and get none."""
+        rows = None
+        if z.ndim == 2:  # one row per reader set of the tree
+            if architecture is None:
+                raise ValueError("features per reader set need the tree they were made for")
+            rows = {s: k for k, s in enumerate(architecture.reader_sets())}
+        deltas: dict[Node, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for node in self.layout if nodes is None else nodes:
             if node not in self.layout:
                 continue
+            if rows is None:
+                zn = z
+            elif (row := rows.get(architecture.readers(*node))) is None:
+                continue
+            else:
+                zn = z[row]
             bns = self.layout[node]
-            dgamma, dbeta = self.head(node)(z).chunk(2)
+            dgamma, dbeta = self.head(node)(zn).chunk(2)
             sizes = [ch for _, ch in bns]
             deltas[node] = {
                 name: (g, b)
@@ -140,6 +181,24 @@ class WeightHypernet(nn.Module):
                 )
             }
         return deltas
+
+
+def readers_preference(r: torch.Tensor, sets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(K, N): row k is ``r`` restricted to the tasks of ``sets[k]`` and renormalized (uniform
+    over them where ``r`` gives them no weight at all).
+
+    A node only task set S reads changes only S's losses, so of the objective sum_i r_i L_i it
+    sees sum_{i in S} r_i L_i, whose minimizer depends on r_S / sum(r_S) alone: a node only task
+    i reads has one best delta for every r with r_i > 0 (docs/training.md, "Deltas from the
+    readers' preference").
+    """
+    mask = torch.zeros(len(sets), r.shape[-1], dtype=r.dtype, device=r.device)
+    for k, tasks in enumerate(sets):
+        mask[k, list(tasks)] = 1.0
+    restricted = mask * r
+    total = restricted.sum(-1, keepdim=True)
+    uniform = mask / mask.sum(-1, keepdim=True)
+    return torch.where(total > 0, restricted / total.clamp_min(1e-12), uniform)
 
 
 def _key(layer: int, stream: int) -> str:

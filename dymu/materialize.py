@@ -334,8 +334,8 @@ class Skeleton:
         self.template = MaterializedModel(
             folded.anchor, architecture, tasks, cost_model, folded=folded
         )
-        used = architecture.node_list(self.template.task_indices)
-        parts = [folded.adapted(n) for n in used if n in folded.layout]
+        used = [n for n in architecture.node_list(self.template.task_indices) if n in folded.layout]
+        parts = [folded.adapted(n) for n in used]
         self.convs = [conv for p in parts for conv in p.convs]
         self.copied = (
             frozenset({id(self.template), id(self.template.nodes)}).union(*(p.inner for p in parts))
@@ -353,15 +353,23 @@ class Skeleton:
             channels = torch.zeros(0, dtype=torch.long, device=vectors.device)
         self.vectors = vectors
         self.gamma, self.beta, self.std, self.shift = vectors.unbind(0)
-        # where this tree's [dgamma; dbeta] sit in the deltas of the whole layout
+        # where this tree's [dgamma; dbeta] sit in the deltas of the whole layout, and in which
+        # row of z (one per reader set) when the weight hypernet reads its readers' preference
         self.delta_index = torch.cat([channels, channels + folded.n_channels])
+        sets = {s: k for k, s in enumerate(architecture.reader_sets())}
+        rows = [
+            torch.full((len(p.channels),), sets[architecture.readers(*n)])
+            for n, p in zip(used, parts)
+        ]
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        self.delta_rows = torch.cat([rows, rows]).to(channels.device)
 
     @property
     def nbytes(self) -> int:
         """Bytes this skeleton holds of its own: its per-channel vectors and where its channels
         sit in the stacked heads (the folded nodes and the heads belong to the
         :class:`FoldedAnchor`)."""
-        own = (self.vectors, self.delta_index)
+        own = (self.vectors, self.delta_index, self.delta_rows)
         return sum(t.numel() * t.element_size() for t in own)
 
     @property
@@ -370,12 +378,17 @@ class Skeleton:
 
     def fold(self, z: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Folded (weights per conv, all biases) for the weight-hypernet features ``z`` (None: no
-        adaptation); the arithmetic of :meth:`~dymu.anchor.ConvBNAct.fold_`, vectorized."""
+        adaptation; (K, D): a row per reader set, :meth:`dymu.hypernets.WeightHypernet.features`),
+        the arithmetic of :meth:`~dymu.anchor.ConvBNAct.fold_`, vectorized."""
         gamma, beta = self.gamma, self.beta
         if z is not None and self.n_channels:
             f = self.folded
             deltas = torch.nn.functional.linear(z, f.delta_weight, f.delta_bias)
-            dgamma, dbeta = deltas.index_select(-1, self.delta_index).chunk(2)
+            if z.ndim == 2:  # every channel's delta from its node's row
+                picked = deltas[self.delta_rows, self.delta_index]
+            else:
+                picked = deltas.index_select(-1, self.delta_index)
+            dgamma, dbeta = picked.chunk(2)
             gamma, beta = gamma + dgamma, beta + dbeta
         scale = gamma / self.std
         # w' = w * s per output channel, every conv at once (one fused C++ loop over the list)

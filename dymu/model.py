@@ -58,7 +58,7 @@ class ControllableModel(ConfigTasks, nn.Module):
         n, layers, hyper = config.n_tasks, self.anchor.num_layers, config.hypernet
         self.edge_hypernet = EdgeHypernet(n, layers, hyper.embed_dim, hyper.edge_hidden)
         self.weight_hypernet = WeightHypernet(
-            n, self.anchor.bn_layout(), hyper.embed_dim, hyper.weight_hidden
+            n, self.anchor.bn_layout(), hyper.embed_dim, hyper.weight_hidden, hyper.weight_input
         )
         self.cost_model = CostModel(config)
         self._manifest = dict(manifest) if manifest else None
@@ -140,7 +140,9 @@ class ControllableModel(ConfigTasks, nn.Module):
     ) -> BNDeltas:
         """Weight-hypernet BN deltas for ``(r, c)``, for ``nodes`` (all nodes by default)."""
         pref = self.preference(r, c)
-        return self.weight_hypernet(*self._tensors(pref), None if nodes is None else list(nodes))
+        arch = self.architecture(pref) if self.weight_hypernet.inputs == "readers" else None
+        wanted = None if nodes is None else list(nodes)
+        return self.weight_hypernet(*self._tensors(pref), wanted, arch)
 
     def materialize(
         self,
@@ -175,7 +177,7 @@ class ControllableModel(ConfigTasks, nn.Module):
             arch, z = self.controller(pref, architecture, adapt)
             if not fold_bn:  # the unfolded tree (a reference for tests): built node by node
                 nodes = arch.node_list(task_idx)
-                deltas = self.weight_hypernet.deltas(z, nodes) if z is not None else None
+                deltas = self.weight_hypernet.deltas(z, nodes, arch) if z is not None else None
                 return MaterializedModel(
                     self.anchor, arch, task_idx, self.cost_model, deltas, False, pref
                 )
@@ -189,7 +191,6 @@ class ControllableModel(ConfigTasks, nn.Module):
         ``architecture`` is given) and the weight hypernet's features z (None without
         ``adapt``), from which every node's BN deltas are one linear map (see materialize)."""
         r, c = self._tensors(pref)
-        z = self.weight_hypernet.features(r, c) if adapt else None
         if architecture is None:
             parents = self.edge_hypernet(r, c).argmax(dim=-1).tolist()
             architecture = Architecture.from_parents(parents, self.n_tasks, self.n_layers)
@@ -198,6 +199,7 @@ class ControllableModel(ConfigTasks, nn.Module):
                 f"architecture is N={architecture.n_tasks}, L={architecture.n_layers}; the "
                 f"model is N={self.n_tasks}, L={self.n_layers}"
             )
+        z = self.weight_hypernet.features(r, c, architecture) if adapt else None
         return architecture, z
 
     def _weights_stamp(self) -> tuple[int, int, int]:

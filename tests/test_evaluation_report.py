@@ -170,12 +170,35 @@ def test_data_dir_from_dymu_data(artifact, tmp_path, capsys):
     assert len(report["methods"]["dymu-c1"]["per_preference"]) == 2
 
 
+def test_the_calibration_split_is_the_recorded_configs(tmp_path):
+    cfg = load_config("scenes-tiny")
+    cfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"calibration_options": {"n": 4, "seed": 9}})}
+    )
+    model = build_model(cfg, dataset_tasks("scenes"))
+    training = {"config": cfg.model_dump(mode="json")}
+    artifact = dymu.save(model, tmp_path / "store", training=training)
+    reports = {}
+    for split in ("calibration", "held-out"):
+        out = tmp_path / split
+        assert main(["evaluate", str(artifact), "--out", str(out), "--split", split, *ARGS]) == 0
+        reports[split] = json.loads((out / "report.json").read_text())
+    calibration = reports["calibration"]
+    assert calibration["images"] == 4 and calibration["dataset"]["split"] == "calibration"
+    assert calibration["dataset"]["seed"] == 9
+    assert reports["held-out"]["images"] == cfg.data.val_options["n"]
+    assert "calibration split:" in (tmp_path / "calibration" / "report.md").read_text()
+    assert "held-out split:" in (tmp_path / "held-out" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--reference-point", "1", "2"], "--reference-point needs 3 values"),
         (["--data", "/nonexistent/split"], "no such directory"),
         (["--preferences", "0"], "--preferences must be >= 1"),
+        (["--split", "calibration"], "training config has no calibration split"),
+        (["--split", "calibration", "--data", "/x"], "pass no --data"),
     ],
 )
 def test_bad_input_is_one_line_error(artifact, tmp_path, capsys, extra, message):

@@ -15,18 +15,23 @@ from training.tasks import weighted_task_loss
 from .conftest import prepared_run
 
 
-def _weight_run(tmp_path, **weight):
+def _weight_run(tmp_path, weight_input="preference", **weight):
     base = load_config("scenes-tiny")
+    hypernet = base.hypernet.model_copy(update={"weight_input": weight_input})
     config = base.model_copy(
-        update={"check_preferences": 0, "weight": base.weight.model_copy(update=weight)}
+        update={
+            "check_preferences": 0,
+            "weight": base.weight.model_copy(update=weight),
+            "hypernet": hypernet,
+        }
     )
     return prepared_run(tmp_path, config, ("weight",))
 
 
-def _perturbed_loss(tmp_path, **weight):
+def _perturbed_loss(tmp_path, weight_input="preference", **weight):
     """A weight-stage run whose hypernet's deltas are away from zero (so a group read with the
     wrong r, or a missing penalty, shows), a batch of ``batch_size`` scenes, and its step-7 loss."""
-    run = _weight_run(tmp_path, **weight)
+    run = _weight_run(tmp_path, weight_input, **weight)
     model = run.model.eval()
     torch.manual_seed(3)
     with torch.no_grad():
@@ -40,9 +45,13 @@ def _perturbed_loss(tmp_path, **weight):
     return run, batch, total
 
 
-def test_each_group_is_scored_by_the_model_served_for_its_own_preference(tmp_path):
-    run, batch, total = _perturbed_loss(tmp_path, preferences=3, dense_fraction=0.5, batch_size=5)
+@pytest.mark.parametrize("weight_input", ["preference", "readers"])
+def test_each_group_is_scored_by_the_model_served_for_its_own_preference(tmp_path, weight_input):
+    run, batch, total = _perturbed_loss(
+        tmp_path, weight_input, preferences=3, dense_fraction=0.5, batch_size=5
+    )
     model = run.model
+    assert model.weight_hypernet.inputs == weight_input
     gen = step_generator(run.config.seed, "weight-pref", 7)
     prefs = step_preferences(model.n_tasks, 3, 0.5, run.config.weight.eta, gen)
     groups = batch_groups(batch, 3)

@@ -455,7 +455,7 @@ def weight_loss(
         r, c = r.to(run.device), c.to(run.device)
         with torch.no_grad():
             arch = Architecture.from_logits(model.edge_hypernet(r, c).cpu())
-        deltas = net(r, c, arch.node_list())
+        deltas = net(r, c, arch.node_list(), arch)
         with run.autocast():
             out = model.anchor.forward_tree(group["image"], arch, deltas)
         total, losses = weighted_task_loss(run.tasks, out, group, r)

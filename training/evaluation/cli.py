@@ -27,7 +27,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise DymuError("--cost-preferences must be >= 1 and --curve-points >= 2")
     device = resolve_device(args.device)
     source = load_source(args.model_or_run_dir, device=str(device), dymu_model=args.dymu)
-    dataset, info = held_out_split(source, args.data)
+    dataset, info = held_out_split(source, args.data, calibration=args.split == "calibration")
     names = list(source.dymu.tasks)
     if args.reference_point is not None:
         if len(args.reference_point) != len(names):
@@ -89,6 +89,13 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a split written by `dymu data` or a dataset root (default: the held-out split "
         "of the recorded training config)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["held-out", "calibration"],
+        default="held-out",
+        help="which split of the recorded training config: held-out (default), or the "
+        "calibration split, to make choices on without reading the held-out one",
     )
     p.add_argument(
         "--dymu",

@@ -253,26 +253,39 @@ def ablation_rows(source: Source) -> list[Row]:
     ]
 
 
-def held_out_split(source: Source, data_dir: str | Path | None = None) -> tuple[Any, dict]:
+def held_out_split(
+    source: Source, data_dir: str | Path | None = None, calibration: bool = False
+) -> tuple[Any, dict]:
     """The split to evaluate on, and a description of it for the report.
 
     Default: the held-out split of the training config recorded with the run or the artifact
-    (``data.val_options``, as :func:`training.data.split_dataset` builds it). ``data_dir``:
-    a split written by ``dymu data`` (``DIR/image/...``) or a dataset root (its held-out split),
-    read as the recorded benchmark, resized to the model's input size where the loader can.
+    (``data.val_options``, as :func:`training.data.split_dataset` builds it). ``calibration``:
+    that config's calibration split instead (``data.calibration_options``), the split to make
+    choices on without reading the held-out one (docs/evaluation.md, "Choosing on the
+    calibration split"). ``data_dir``: a split written by ``dymu data`` (``DIR/image/...``) or
+    a dataset root (its held-out split), read as the recorded benchmark, resized to the
+    model's input size where the loader can.
     """
     from training.config import TrainConfig
     from training.data import DatasetError, build_dataset, get_entry, read_meta, split_dataset
 
     cfg = TrainConfig.model_validate(source.train_config) if source.train_config else None
+    if calibration and data_dir is not None:
+        raise DatasetError("the calibration split is the recorded config's: pass no --data")
     if data_dir is None:
         if cfg is None:
+            which = "calibration" if calibration else "held-out"
             raise DatasetError(
-                f"{source.path} records no training config, so its held-out split is unknown; "
-                "pass --data DIR"
+                f"{source.path} records no training config, so its {which} split is unknown"
+                + ("" if calibration else "; pass --data DIR")
             )
-        info = {"name": cfg.data.name, "root": cfg.data.root, **cfg.data.val_options}
-        return split_dataset(cfg, held_out=True), info
+        if calibration and cfg.data.calibration_options is None:
+            raise DatasetError(f"{source.path}'s training config has no calibration split")
+        options = cfg.data.calibration_options if calibration else cfg.data.val_options
+        info = {"name": cfg.data.name, "root": cfg.data.root, **options}
+        if calibration:
+            info["split"] = "calibration"
+        return split_dataset(cfg, held_out=not calibration, calibration=calibration), info
     d = Path(data_dir).expanduser()
     if not d.is_dir():
         raise DatasetError(f"--data {d}: no such directory")

@@ -320,6 +320,10 @@ def margin_interval(
     return bootstrap_interval(lambda idx: statistics.fmean(diff[k] for k in idx), len(diff))
 
 
+def _split_name(dataset: dict[str, Any]) -> str:
+    return "calibration" if dataset.get("split") == "calibration" else "held-out"
+
+
 def _claim(name: str, holds: bool | None, text: str, numbers: dict[str, Any]) -> dict[str, Any]:
     return {"claim": name, "holds": holds, "text": text, "numbers": numbers}
 
@@ -471,7 +475,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Evaluation of `{report['source']}`",
         "",
         *([f"Made by `{report['command']}`.", ""] if report.get("command") else []),
-        f"Benchmark `{report['benchmark']}`, held-out split: {json.dumps(report['dataset'])} "
+        f"Benchmark `{report['benchmark']}`, {_split_name(report['dataset'])} split: "
+        f"{json.dumps(report['dataset'])} "
         f"({report['images']} images). P = {report['n_preferences']} preferences r uniform on "
         f"the simplex (seed {report['seed']}); params and GFLOPs are means over "
         f"{report['cost_preferences']} preferences; {FLOP_CONVENTION}. Loss vectors: "
