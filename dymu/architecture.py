@@ -156,6 +156,11 @@ class Architecture:
     def reader_sets(self) -> tuple[tuple[int, ...], ...]:
         """The distinct :meth:`readers` of the used nodes, sorted: one row each of a weight
         hypernet that conditions every node on its readers' preference."""
+        return self._reader_sets
+
+    @cached_property
+    def _reader_sets(self) -> tuple[tuple[int, ...], ...]:
+        # computed once per tree: a served switch asks for it on every new preference
         return tuple(sorted({self.readers(l, j) for l, j in self.node_list()}))
 
     def is_shared(self, layer: int, stream: int, tasks: Iterable[int] | None = None) -> bool:
