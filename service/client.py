@@ -203,6 +203,10 @@ def _check(response: httpx.Response) -> httpx.Response:
     return response
 
 
+#: A declared Content-Length is trusted this far ahead of the bytes; a reply past it grows.
+PREALLOCATE_MAX = 1 << 28
+
+
 def _is_npz(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith(NPZ_MEDIA_TYPE)
 
@@ -215,7 +219,7 @@ def _npz_buffer(response: httpx.Response) -> bytearray | None:
     if response.status_code >= 400 or not _is_npz(response):
         return None
     length = response.headers.get("content-length", "")
-    return bytearray(int(length) if length.isdigit() else 0)
+    return bytearray(min(int(length), PREALLOCATE_MAX) if length.isdigit() else 0)
 
 
 def _gather(buffer: bytearray, got: int, chunk: bytes) -> int:

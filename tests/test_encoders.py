@@ -110,3 +110,27 @@ def test_read_npz_refuses_corrupt_and_truncated_archives():
         read_npz(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         read_npz(data[200:])  # the directory's offsets now point past the data
+
+
+@pytest.mark.parametrize("declared", ["exact", "short", "long", "none"])
+def test_the_client_gathers_an_npz_reply_whatever_length_it_declares(declared):
+    import httpx
+
+    from service.client import _gather, _npz_buffer
+
+    arrays = _reply_arrays()
+    data = b"".join(npz_parts(arrays))
+    length = {"exact": len(data), "short": 100, "long": len(data) + 999, "none": None}[declared]
+    headers = {"content-type": "application/x-npz"}
+    if length is not None:
+        headers["content-length"] = str(length)
+    body = _npz_buffer(httpx.Response(200, headers=headers))
+    assert len(body) == (length or 0)
+    got = 0
+    for start in range(0, len(data), 4096):  # as chunks arrive
+        got = _gather(body, got, data[start : start + 4096])
+    del body[got:]
+    assert bytes(body) == data
+    assert np.array_equal(read_npz(body)["a"], arrays["a"])
+    assert _npz_buffer(httpx.Response(500, headers=headers)) is None
+    assert _npz_buffer(httpx.Response(200, headers={"content-type": "application/json"})) is None
