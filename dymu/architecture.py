@@ -156,12 +156,18 @@ class Architecture:
     def reader_sets(self) -> tuple[tuple[int, ...], ...]:
         """The distinct :meth:`readers` of the used nodes, sorted: one row each of a weight
         hypernet that conditions every node on its readers' preference."""
-        return self._reader_sets
+        return self._readers[0]
+
+    def reader_row(self, layer: int, stream: int) -> int | None:
+        """Where node ``(layer, stream)``'s readers sit in :meth:`reader_sets` (None: unused)."""
+        return self._readers[1].get((layer, stream))
 
     @cached_property
-    def _reader_sets(self) -> tuple[tuple[int, ...], ...]:
+    def _readers(self) -> tuple[tuple[tuple[int, ...], ...], dict[Node, int]]:
         # computed once per tree: a served switch asks for it on every new preference
-        return tuple(sorted({self.readers(l, j) for l, j in self.node_list()}))
+        by_node = {(l, j): self.readers(l, j) for l, j in self.node_list()}
+        sets = tuple(sorted(set(by_node.values())))
+        return sets, {node: sets.index(tasks) for node, tasks in by_node.items()}
 
     def is_shared(self, layer: int, stream: int, tasks: Iterable[int] | None = None) -> bool:
         """Whether node ``(layer, stream)`` feeds more than one head."""

@@ -93,6 +93,10 @@ class BackboneConfig(BaseModel):
         return data
 
 
+#: What the weight hypernet feeds each node (HypernetConfig.weight_input).
+WeightInput = Literal["preference", "readers"]
+
+
 class HypernetConfig(BaseModel):
     """Sizes of both hypernets (App. G: embedding 32, edge MLP 2x100, weight MLP 3x100)."""
 
@@ -104,7 +108,7 @@ class HypernetConfig(BaseModel):
     #: What each node's BN deltas are a function of: "preference", (r, c) as in §3.3.2; or
     #: "readers", c and r restricted to the tasks that read the node, renormalized (a departure:
     #: docs/training.md, "Deltas from the readers' preference")
-    weight_input: Literal["preference", "readers"] = "preference"
+    weight_input: WeightInput = "preference"
 
 
 class ModelConfig(BaseModel):

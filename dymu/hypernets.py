@@ -8,17 +8,18 @@ Both take a preference ``(r, c)`` through a learned :class:`PreferenceEmbedding`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .anchor import BNDeltas
-from .architecture import Architecture
+from .architecture import Architecture, Node
+from .config import WeightInput
 
-Node = tuple[int, int]
 #: What a node's deltas are a function of (:class:`dymu.config.HypernetConfig.weight_input`).
-WEIGHT_INPUTS = ("preference", "readers")
+WEIGHT_INPUTS = get_args(WeightInput)
 
 
 class PreferenceEmbedding(nn.Module):
@@ -156,20 +157,16 @@ class WeightHypernet(nn.Module):
         """Deltas for ``nodes`` (all by default; nodes without BN are skipped) from one
         preference's features ``z`` (:meth:`features`), per BN module by name. With features
         per reader set, nodes that ``architecture`` does not use have no readers and get none."""
-        rows = None
-        if z.ndim == 2:  # one row per reader set of the tree
-            if architecture is None:
-                raise ValueError("features per reader set need the tree they were made for")
-            rows = {s: k for k, s in enumerate(architecture.reader_sets())}
+        if z.ndim == 2 and architecture is None:  # one row per reader set of the tree
+            raise ValueError("features per reader set need the tree they were made for")
         deltas: dict[Node, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for node in self.layout if nodes is None else nodes:
             if node not in self.layout:
                 continue
-            if rows is None:
-                zn = z
-            elif (row := rows.get(architecture.readers(*node))) is None:
-                continue
-            else:
+            zn = z
+            if z.ndim == 2:
+                if (row := architecture.reader_row(*node)) is None:
+                    continue
                 zn = z[row]
             bns = self.layout[node]
             dgamma, dbeta = self.head(node)(zn).chunk(2)

@@ -356,10 +356,8 @@ class Skeleton:
         # where this tree's [dgamma; dbeta] sit in the deltas of the whole layout, and in which
         # row of z (one per reader set) when the weight hypernet reads its readers' preference
         self.delta_index = torch.cat([channels, channels + folded.n_channels])
-        sets = {s: k for k, s in enumerate(architecture.reader_sets())}
         rows = [
-            torch.full((len(p.channels),), sets[architecture.readers(*n)])
-            for n, p in zip(used, parts)
+            torch.full((len(p.channels),), architecture.reader_row(*n)) for n, p in zip(used, parts)
         ]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         self.delta_rows = torch.cat([rows, rows]).to(channels.device)

@@ -43,6 +43,8 @@ def test_readers_follow_the_paths_through_the_tree():
     assert TREE.readers(1, 2) == (2,) and TREE.readers(4, 1) == (1,)
     assert TREE.readers(0, 1) == () and TREE.readers(1, 1) == ()  # unused nodes
     assert TREE.reader_sets() == ((0,), (0, 1), (0, 1, 2), (1,), (2,))
+    assert [TREE.reader_row(*n) for n in [(0, 0), (1, 0), (1, 2), (4, 1)]] == [2, 1, 4, 3]
+    assert TREE.reader_row(1, 1) is None  # unused: no readers, no row
 
 
 @torch.no_grad()
