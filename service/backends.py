@@ -13,6 +13,7 @@ says which backend ran.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import logging
@@ -20,6 +21,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +39,8 @@ INPUT_NAME = "image"
 #: Eager torch on the CPU with channels-last tensors (oneDNN's preferred layout for convs).
 CHANNELS_LAST = "torch-cl"
 _PREFIX = "net."
+#: Input shapes whose output shapes a session remembers (to write its outputs in place).
+MAX_OUTPUT_SHAPES = 64
 
 
 def _failed(fut: Future) -> bool:
@@ -134,9 +138,16 @@ class OnnxSession:
         self._shared: OrderedDict[tuple[str, int, int], tuple[torch.Tensor, Any]] = OrderedDict()
         self._max_shared = 2 * len(self.weight_names)
         self._lock = threading.Lock()
+        # outputs written in place need their shapes before the run: learnt per input shape
+        # from the first run (on the CPU, float outputs; elsewhere ONNX Runtime allocates)
+        self._in_place = self.ort_device == "cpu" and all(
+            o.type == "tensor(float)" for o in self.session.get_outputs()
+        )
+        self._out_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
 
-    def weights(self, net: MaterializedModel) -> dict[str, Any]:
-        """``OrtValue`` per weight input, from ``net``'s folded parameters.
+    def weights(self, net: MaterializedModel) -> Feed:
+        """``net``'s folded parameters as this session's weight inputs, bound once (a
+        :class:`Feed`).
 
         Preferences of one tree share every tensor but their adapted convolutions
         (:class:`dymu.materialize.Skeleton`), so the ``OrtValue`` of a shared tensor is made once
@@ -150,7 +161,8 @@ class OnnxSession:
         if missing:
             raise RuntimeError(f"the ONNX graph needs weights the module lacks: {missing[:3]}")
         with self._lock:
-            return {n: self._ort_value(n, state[n], ort) for n in self.weight_names}
+            values = {n: self._ort_value(n, state[n], ort) for n in self.weight_names}
+        return Feed(self.session, values)
 
     def _ort_value(self, name: str, t: torch.Tensor, ort: Any) -> Any:
         # LRU: the tree's shared tensors are hit by every preference and stay; a preference's
@@ -167,15 +179,69 @@ class OnnxSession:
             self._shared.popitem(last=False)
         return value
 
-    def run(self, x: np.ndarray, weights: dict[str, Any]) -> list[np.ndarray]:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, x)
-        for name, value in weights.items():
+    def run(self, x: np.ndarray, feed: Feed) -> list[np.ndarray]:
+        """The outputs of ``x`` (contiguous float32, NCHW) under ``feed``'s weights."""
+        with feed.binding() as binding:
+            binding.bind_cpu_input(INPUT_NAME, x)
+            outs = self._bind_outputs(binding, x.shape)
+            self.session.run_with_iobinding(binding)
+            if outs is None:
+                outs = binding.copy_outputs_to_cpu()
+                if self._in_place:
+                    self._remember_shapes(x.shape, [o.shape for o in outs])
+        return outs
+
+    def _bind_outputs(self, binding: Any, shape: tuple[int, ...]) -> list[np.ndarray] | None:
+        """Fresh arrays bound as the outputs, which ONNX Runtime then writes in place (no copy
+        of the outputs after the run), once the shapes for this input shape are known; else
+        outputs ONNX Runtime allocates (None)."""
+        shapes = self._out_shapes.get(shape) if self._in_place else None
+        if shapes is None:
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
+            return None
+        outs = [np.empty(s, np.float32) for s in shapes]
+        for name, out in zip(self.output_names, outs, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        return outs
+
+    def _remember_shapes(self, shape: tuple[int, ...], shapes: list[tuple[int, ...]]) -> None:
+        if len(self._out_shapes) >= MAX_OUTPUT_SHAPES:  # request sizes vary: keep it bounded
+            self._out_shapes.clear()
+        self._out_shapes[shape] = shapes
+
+
+class Feed:
+    """One preference's weights for one session: ``OrtValue`` inputs bound once into an ONNX
+    Runtime ``IOBinding`` that every run reuses, so a run binds only its image and outputs
+    (binding ~70-110 weights took 0.1 ms a run, docs/service.md, "Where the time goes"). A
+    binding serves one run at a time: concurrent runs (several inference workers) take one
+    each from a small pool."""
+
+    def __init__(self, session: Any, values: dict[str, Any]) -> None:
+        self.values = values
+        self._session = session
+        self._free = [self._bound()]
+        self._lock = threading.Lock()
+
+    def _bound(self) -> Any:
+        binding = self._session.io_binding()
+        for name, value in self.values.items():
             binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        return binding
+
+    @contextlib.contextmanager
+    def binding(self) -> Iterator[Any]:
+        """A binding with the weights in place, for one run."""
+        with self._lock:
+            binding = self._free.pop() if self._free else None
+        if binding is None:
+            binding = self._bound()
+        try:
+            yield binding
+        finally:
+            with self._lock:
+                self._free.append(binding)
 
 
 class OnnxPool:
@@ -251,7 +317,7 @@ class Runner:
         self.tasks = net.tasks
         self.backend = backend
         self.nbytes = module_nbytes(net)
-        self._weights: dict[str, Any] | None = None
+        self._weights: Feed | None = None
         self._session: OnnxSession | None = None
         self._build: Future | None = None
         self._lock = threading.Lock()
@@ -283,7 +349,7 @@ class Runner:
             return False
         return self._onnx() is not None
 
-    def _onnx(self) -> tuple[OnnxSession, dict[str, Any]] | None:
+    def _onnx(self) -> tuple[OnnxSession, Feed] | None:
         if self._session is not None:
             return self._session, self._weights
         build = self._build

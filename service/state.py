@@ -339,7 +339,12 @@ class Service:
             return lm, previous
 
 
-async def service_of(request: Request) -> Service:
-    """The router dependency: the :class:`Service` of the app serving ``request``. A coroutine
-    because FastAPI runs a plain-function dependency on its thread pool: a hop per request."""
+def service_from(request: Request) -> Service:
+    """The :class:`Service` of the app serving ``request``."""
     return request.app.state.service
+
+
+async def service_of(request: Request) -> Service:
+    """The router dependency: :func:`service_from`. A coroutine because FastAPI runs a
+    plain-function dependency on its thread pool: a hop per request."""
+    return service_from(request)

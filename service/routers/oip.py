@@ -46,8 +46,9 @@ from ..oip_codec import (
     split_body,
 )
 from ..responses import Part, PartsResponse
+from ..routing import LeanRoute
 from ..runtime import LoadedModel, TaskSubset
-from ..state import Service, service_of
+from ..state import Service, service_from, service_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The most images one infer request may carry.
@@ -81,6 +82,11 @@ class ProtocolRoute(APIRoute):
         return route
 
 
+class LeanProtocolRoute(ProtocolRoute, LeanRoute):
+    """The infer routes: the protocol's errors, without FastAPI's per-request dependency
+    solving (service/routing.py)."""
+
+
 router = APIRouter(route_class=ProtocolRoute, tags=["open inference protocol"])
 Svc = Annotated[Service, Depends(service_of)]
 
@@ -102,6 +108,25 @@ def output_shape(lm: LoadedModel, task: str) -> list[int]:
     if spec.kind == "classification":
         return [-1, spec.out_channels]
     return [-1, spec.out_channels, -1, -1]
+
+
+# ---------------------------------------------------------------------------------- infer
+async def infer_latest(request: Request, model: str) -> Response:
+    """Predict a batch of images with the sub-network of a preference (JSON or binary)."""
+    return await infer(request, service_from(request), model, None)
+
+
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    """Infer with the served version (404 for any other)."""
+    return await infer(request, service_from(request), model, version)
+
+
+# registered before the metadata routes: routes are matched in order, and these are the hot ones
+for _path, _endpoint in (
+    ("/v2/models/{model}/infer", infer_latest),
+    ("/v2/models/{model}/versions/{version}/infer", infer_version),
+):
+    router.add_api_route(_path, _endpoint, methods=["POST"], route_class_override=LeanProtocolRoute)
 
 
 # ------------------------------------------------------------------------------- metadata
@@ -153,19 +178,6 @@ async def model_ready_version(svc: Svc, model: str, version: str) -> dict[str, A
     """Readiness of the served version."""
     lm = served(svc, model, version)
     return {"name": lm.name, "ready": True}
-
-
-# ---------------------------------------------------------------------------------- infer
-@router.post("/v2/models/{model}/infer")
-async def infer_latest(request: Request, svc: Svc, model: str) -> Response:
-    """Predict a batch of images with the sub-network of a preference (JSON or binary)."""
-    return await infer(request, svc, model, None)
-
-
-@router.post("/v2/models/{model}/versions/{version}/infer")
-async def infer_version(request: Request, svc: Svc, model: str, version: str) -> Response:
-    """Infer with the served version (404 for any other)."""
-    return await infer(request, svc, model, version)
 
 
 async def infer(request: Request, svc: Service, model: str, version: str | None) -> Response:
@@ -245,8 +257,7 @@ def reply_of(
     }
     # one image: its arrays with a batch axis added (views, not copies)
     arrays = {
-        t: arrays0[t][None] if n == 1 else np.stack([o.arrays[t] for o in ran.outs])
-        for t in wanted
+        t: arrays0[t][None] if n == 1 else np.stack([o.arrays[t] for o in ran.outs]) for t in wanted
     }
     binary_out = {t: req.binary.get(t, req.binary_default) for t in wanted}
     return reply_parts(reply, arrays, binary_out)

@@ -15,10 +15,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from dymu.cost import Cost
 
@@ -27,6 +27,7 @@ from ..imaging import declared_pixels, decode_image, encode_npz, encode_task
 from ..inference import deadline, run_images
 from ..parsing import PredictBody, parse_predict
 from ..responses import Part, PartsResponse
+from ..routing import LeanRoute
 from ..runtime import LoadedModel, Output, PreferenceEntry, TaskSubset
 from ..schemas import (
     CACHE_HEADER,
@@ -38,10 +39,10 @@ from ..schemas import (
     RequestMetrics,
 )
 from ..selection import Selected, select
-from ..state import Service, service_of
+from ..state import Service, service_from
 
-router = APIRouter(tags=["predict"])
-Svc = Annotated[Service, Depends(service_of)]
+# the hot path: called without FastAPI's per-request dependency solving (service/routing.py)
+router = APIRouter(tags=["predict"], route_class=LeanRoute)
 
 MULTIPART_SCHEMA = {
     "type": "object",
@@ -109,7 +110,7 @@ class Served:
 
 
 @router.post("/predict", response_model=Prediction, responses=RESPONSES, openapi_extra=OPENAPI)
-async def predict(request: Request, svc: Svc) -> Response:
+async def predict(request: Request) -> Response:
     """Predict one image with the sub-network of a preference.
 
     Send the image as a multipart file (`image`) or as JSON with base64. Pick the
@@ -120,6 +121,7 @@ async def predict(request: Request, svc: Svc) -> Response:
     PNG-encoded maps, `format=npz` float32 arrays. Metrics come in the body and as
     `X-Dymu-*` headers.
     """
+    svc = service_from(request)
     lm = svc.require_ready()
     async with deadline(request, svc) as t0:
         body = await parse_predict(request, lambda fn, raw: svc.io(fn, raw, data_bytes=len(raw)))
