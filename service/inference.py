@@ -70,7 +70,7 @@ async def run_images(
     hw = (int(xs[0].shape[-2]), int(xs[0].shape[-1]))
     group = (svc.generation, key, subset.indices, hw)
     jobs = []
-    inline_s = svc.inline_model_s(len(xs))
+    inline_s = await svc.inline_model_s(len(xs))
     try:
         for x in xs:
             jobs.append(svc.batcher.submit(group, (lm, runner, x), queue_limit, inline_s))

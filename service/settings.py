@@ -80,13 +80,15 @@ class Settings(BaseSettings):
         "encodings run side by side) of up to this many bytes of image data runs on the event "
         "loop too: with nothing else to serve, a hop to a thread is only latency (0: never)",
     )
-    idle_inline_model_ms: float = Field(
-        10.0,
+    idle_inline_model_ms: float | None = Field(
+        None,
         ge=0,
         description="when no other prediction is in flight and nothing waits for a batch, a "
         "one-image request whose (preference, tasks, size) last ran in at most this many ms runs "
-        "on the event loop instead of an inference thread: the hop costs ~0.2-0.3 ms and a batch "
-        "window waits for no one (0: never)",
+        "on the event loop instead of an inference thread: the hop costs 0.15-0.45 ms and a "
+        "batch window waits for no one, while the loop (health checks, a request arriving "
+        "meanwhile) waits up to this long (0: never; unset: 50 with one inference worker, whom "
+        "a request arriving meanwhile would wait for anyway, 10 with several)",
     )
     gil_switch_interval_ms: float = Field(
         0.5,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.lean_http import closed_loop, oip_call
 from service import imaging
 from service.batching import Batcher
 from service.client import DymuClient
@@ -124,6 +125,7 @@ def test_a_failing_batch_fails_each_of_its_jobs_and_frees_the_worker():
 def inline_runs(steps: list[tuple[str, float]], *, seconds: float = 0.0, fail: bool = False):
     """Submit one job per ``(key, inline_s)`` step, each after the previous finished: the thread
     each ran on (``seconds``: how long ``fn`` takes)."""
+
     def fn(batch: list[str]) -> list[str]:
         time.sleep(seconds)
         if fail:
@@ -199,16 +201,31 @@ def test_a_busy_batcher_queues_even_a_quick_image():
     assert asyncio.run(main()) == ["worker_0"] * 3
 
 
+def bound(svc: Service, images: int) -> float:
+    return asyncio.run(svc.inline_model_s(images))
+
+
 def test_inline_model_s_is_the_bound_only_for_a_lone_one_image_request():
     svc = Service(Settings(idle_inline_model_ms=10))
     svc.in_flight = 1
-    assert svc.inline_model_s(1) == pytest.approx(0.010)
-    assert svc.inline_model_s(2) == 0.0  # a request of two images: they batch together
+    assert bound(svc, 1) == pytest.approx(0.010)
+    assert bound(svc, 2) == 0.0  # a request of two images: they batch together
     svc.in_flight = 2
-    assert svc.inline_model_s(1) == 0.0
+    assert bound(svc, 1) == 0.0
     svc = Service(Settings(idle_inline_model_ms=0))
     svc.in_flight = 1
-    assert svc.inline_model_s(1) == 0.0
+    assert bound(svc, 1) == 0.0
+    # unset: a whole prediction may hold the loop with one inference worker, a quick one with
+    # several (a request arriving meanwhile could run beside it)
+    svc = Service(Settings())
+    svc.in_flight = 1
+    assert bound(svc, 1) == pytest.approx(0.050)
+    svc = Service(Settings(inference_workers=2))
+    svc.in_flight = 1
+    assert bound(svc, 1) == pytest.approx(0.010)
+    svc = Service(Settings(inference_workers=2, idle_inline_model_ms=30))
+    svc.in_flight = 1
+    assert bound(svc, 1) == pytest.approx(0.030)
 
 
 @pytest.mark.parametrize("idle_inline_model_ms", [0.0, 10_000.0])
@@ -236,6 +253,20 @@ def test_a_lone_requests_model_runs_on_the_loop_from_its_second_request(
     assert infer == [True, idle_inline_model_ms == 0.0]
     if idle_inline_model_ms:
         assert second.metrics.queue_ms == 0.0  # no batch window
+
+
+def test_a_burst_batches_though_its_group_would_run_inline(tmp_path):
+    """Eight clients in a closed loop against a server whose inline bound covers any batch:
+    requests that arrive together reach the gate before one of them may run on the loop, so
+    the batcher sees them together (without that, each ran alone on the loop, batch 1)."""
+    settings = {"idle_inline_model_ms": 10_000.0, "max_batch_size": 8, "max_wait_ms": 5.0}
+    with running(save_tiny(tmp_path), **settings) as srv, DymuClient(srv.url) as c:
+        info = c.model()
+        call = oip_call(info.name, random_image(2, HW), info.default_preference_id)
+        c.predict(random_image(2, HW))  # the group's first run, on a thread, timed
+        load = asyncio.run(closed_loop("127.0.0.1", srv.port, call, clients=8, seconds=1.5))
+    assert len(load.batches) > 20
+    assert np.mean(load.batches) > 2.0, np.bincount(load.batches)
 
 
 def test_a_running_server_shortens_the_switch_interval_and_restores_it(tmp_path):
