@@ -314,3 +314,22 @@ def test_checks_record_the_resource_shape_and_the_shared_trees(tiny_run):
     assert trees["uniform c=1.0"]["depth"]["loss_ratio"] == pytest.approx(
         tree["depth"]["loss"] / stream["depth"]["loss"], rel=1e-5
     )
+
+
+def test_a_process_group_is_left_only_after_a_completed_run(tmp_path):
+    """training.distributed.shutdown: after a completed run the group is destroyed (after a
+    barrier); after a failure it is left alone, since another rank may be in a collective."""
+    import torch.distributed as dist
+
+    from training.distributed import shutdown
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        shutdown(completed=False)
+        assert dist.is_initialized()
+        shutdown(completed=True)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

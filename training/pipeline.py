@@ -108,14 +108,15 @@ def run_training(
         config, Path(out), Path(run_dir or Path("runs") / config.name), dist.device(dev), dist,
         resume, tuple(stages), progress, command, max_steps,
     )  # fmt: skip
+    completed = False
     try:
         run, position, todo = prepare_run(request)
-        if not run_stages(run, todo, position):
-            return None
-        return finish_run(request, run)
+        result = finish_run(request, run) if run_stages(run, todo, position) else None
+        completed = True
+        return result
     finally:
         if owns_group:
-            distributed_shutdown()
+            distributed_shutdown(completed)
 
 
 def take_streams(model: dymu.ControllableModel, artifact: str, device: torch.device) -> None:
