@@ -161,9 +161,9 @@ def from_env(device: torch.device) -> Distributed:
 def shutdown(completed: bool = True) -> None:
     """Leave the process group. After a completed run every rank first waits for the others:
     a gloo rank whose peers had already left aborted now and then on its way out ("terminate
-    called without an active exception", once in four runs of `make test-scale` here). After a failure
-    the group is left as it is: another rank may be inside a collective, where destroying the
-    group can hang, and torchrun stops the other ranks."""
+    called without an active exception", once in four runs of `make test-scale` here). After
+    a failure the group is left as it is: another rank may be inside a collective, where
+    destroying the group can hang, and torchrun stops the other ranks."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if completed:
