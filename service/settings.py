@@ -17,6 +17,9 @@ from dymu.budget import parse_budget
 
 Backend = Literal["auto", "torch", "torch-cl", "onnx"]
 Overload = Literal["refuse", "degrade"]
+#: The inline bound (ms) when ``idle_inline_model_ms`` is unset: with one inference worker, with
+#: several (:attr:`Settings.inline_model_ms`).
+INLINE_MODEL_MS_ONE_WORKER, INLINE_MODEL_MS_WORKERS = 50.0, 10.0
 
 
 class Settings(BaseSettings):
@@ -87,8 +90,9 @@ class Settings(BaseSettings):
         "one-image request whose (preference, tasks, size) last ran in at most this many ms runs "
         "on the event loop instead of an inference thread: the hop costs 0.15-0.45 ms and a "
         "batch window waits for no one, while the loop (health checks, a request arriving "
-        "meanwhile) waits up to this long (0: never; unset: 50 with one inference worker, whom "
-        "a request arriving meanwhile would wait for anyway, 10 with several)",
+        f"meanwhile) waits up to this long (0: never; unset: {INLINE_MODEL_MS_ONE_WORKER:g} with "
+        "one inference worker, whom a request arriving meanwhile would wait for anyway, "
+        f"{INLINE_MODEL_MS_WORKERS:g} with several)",
     )
     gil_switch_interval_ms: float = Field(
         0.5,
@@ -173,6 +177,17 @@ class Settings(BaseSettings):
         if self.degrade_queue_depth is not None:
             return self.degrade_queue_depth
         return self.max_queue // 2
+
+    @property
+    def inline_model_ms(self) -> float:
+        """``idle_inline_model_ms``, or when unset: with one inference worker a request that
+        arrives during an inline run would wait for that worker anyway, so the loop may be held
+        for a whole 288x384 prediction on a small CPU (35-50 ms); with several, that request
+        could have run beside it, so only quick models run inline."""
+        if self.idle_inline_model_ms is not None:
+            return self.idle_inline_model_ms
+        one = self.inference_workers == 1
+        return INLINE_MODEL_MS_ONE_WORKER if one else INLINE_MODEL_MS_WORKERS
 
     @field_validator("input_std")
     @classmethod

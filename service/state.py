@@ -35,9 +35,6 @@ from .settings import Settings
 
 log = logging.getLogger("dymu.service")
 T = TypeVar("T")
-#: The default inline bound (ms) with one inference worker, with several
-#: (:meth:`Service.inline_model_bound_ms`).
-INLINE_MODEL_MS_ONE_WORKER, INLINE_MODEL_MS_WORKERS = 50.0, 10.0
 
 
 def gil_switch_interval(ms: float) -> tuple[float, float] | None:
@@ -234,32 +231,22 @@ class Service:
 
     async def inline_model_s(self, images: int) -> float:
         """How quick (seconds) a request's batch must have been last time to run its image on
-        the event loop (:meth:`Batcher.submit`): the inline bound for the only prediction in
-        flight with one image, else 0 (never).
+        the event loop (:meth:`Batcher.submit`): :attr:`Settings.inline_model_ms` for the only
+        prediction in flight with one image, else 0 (never).
 
         Requests that arrived with this one but whose tasks have not started yet are not in
         flight yet: the loop runs them up to the gate first. Without that, a burst arriving
         while a request ran inline would run one by one on the loop, each seeing itself alone,
         and never batch (a 16-client load did exactly that once its groups' batches of 8 took
         less than the bound)."""
-        if not self._alone(images) or self.inline_model_bound_ms() == 0:
+        bound_ms = self.settings.inline_model_ms
+        if bound_ms == 0 or not self._alone(images):
             return 0.0
         await asyncio.sleep(0)
-        return self.inline_model_bound_ms() / 1000.0 if self._alone(images) else 0.0
+        return bound_ms / 1000.0 if self._alone(images) else 0.0
 
     def _alone(self, images: int) -> bool:
         return self.in_flight <= 1 and images == 1
-
-    def inline_model_bound_ms(self) -> float:
-        """``idle_inline_model_ms``, or when unset: with one inference worker a request that
-        arrives during an inline run would wait for that worker anyway, so the loop may be held
-        for a whole 288x384 prediction on a small CPU (35-50 ms); with several, that request
-        could have run beside it, so only quick models run inline."""
-        bound = self.settings.idle_inline_model_ms
-        if bound is not None:
-            return bound
-        one = self.settings.inference_workers == 1
-        return INLINE_MODEL_MS_ONE_WORKER if one else INLINE_MODEL_MS_WORKERS
 
     # -- admission ------------------------------------------------------------------------------
     def _not_ready(self) -> NotReadyError:
