@@ -29,16 +29,11 @@ def _channels_last(net: torch.nn.Module) -> torch.nn.Module:
     return clone_module(net).to(memory_format=torch.channels_last)
 
 
-def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
+def _variants(ctx: Context, folded: Any, unfolded: Any, x: torch.Tensor, hw: Any) -> tuple:
+    """The timed callables by backend label, ONNX Runtime's providers and the skipped graphs."""
     from service.backends import OnnxSession, export_onnx
 
-    model, hw = ctx.model, ctx.hw(size)
-    r, c = served_preference(model.n_tasks)
-    with torch.no_grad():
-        folded = model.materialize(r, c)
-        unfolded = model.materialize(r, c, fold_bn=False)
-        folded_cl, unfolded_cl = _channels_last(folded), _channels_last(unfolded)
-    x = ctx.images(batch, hw)
+    folded_cl, unfolded_cl = _channels_last(folded), _channels_last(unfolded)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     variants: dict[str, Any] = {
         EAGER: lambda: folded(x),
@@ -65,51 +60,37 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
                 continue
             variants[f"onnx, {label}"] = lambda s=session, w=weights: s.run(xn, w)
             providers[label] = session.provider
-    with torch.inference_mode():
-        rounds = calibrate(
-            variants, ctx.budget(), ctx.config.min_rounds, ctx.config.max_rounds, ctx.sync
-        )
-        cpu: dict[str, list[float]] = {}
-        samples = interleave(variants, rounds, warmup=1, sync=ctx.sync, cpu=cpu)
-    flops = folded.cost(hw).flops * batch
-    fma = ctx.peak.get("fma", {}) if ctx.device.type == "cpu" else {}
+    return variants, providers, skipped
+
+
+def _row(ctx: Context, name: str, samples: dict, cpu: dict, flops: float) -> dict[str, Any]:
+    """One backend's timings, its achieved GFLOP/s and its shares of the peaks."""
+    med = summarize(samples[name])
+    gflops_s = flops / (med["median_ms"] / 1e3) / 1e9
+    # per CPU-second: what the computation reaches while it runs (preemptions left out)
+    cpu_s = median_s(cpu[name])
+    on_cpu = ctx.device.type == "cpu"
+    fma = ctx.peak.get("fma", {}) if on_cpu else {}
     mm = (ctx.peak.get("matmul_device") or ctx.peak.get("matmul") or {}).get("gflops")
-    rows = []
-    for name, s in samples.items():
-        med = summarize(s)
-        gflops_s = flops / (med["median_ms"] / 1e3) / 1e9
-        # per CPU-second: what the computation reaches while it runs (preemptions left out)
-        cpu_s = median_s(cpu[name])
-        on_cpu = ctx.device.type == "cpu"
-        gflops_cpu = flops / cpu_s / 1e9 if on_cpu else None
-        of_peak, of_peak_cpu = fma_fractions(
-            flops / 1e9, med["median_ms"] / 1e3, cpu_s if on_cpu else None, fma
-        )
-        rows.append(
-            {
-                "backend": name,
-                **med,
-                "cpu_median_ms": cpu_s * 1e3,
-                "gflop_per_s": gflops_s,
-                "gflop_per_cpu_s": gflops_cpu,
-                "fraction_of_fma_peak": of_peak,
-                "fraction_of_fma_peak_cpu_time": of_peak_cpu,
-                "fraction_of_matmul": gflops_s / mm if mm else None,
-                "speedup_over_eager": paired_ratio(samples[EAGER], s),
-            }
-        )
+    of_peak, of_peak_cpu = fma_fractions(
+        flops / 1e9, med["median_ms"] / 1e3, cpu_s if on_cpu else None, fma
+    )
+    return {
+        "backend": name,
+        **med,
+        "cpu_median_ms": cpu_s * 1e3,
+        "gflop_per_s": gflops_s,
+        "gflop_per_cpu_s": flops / cpu_s / 1e9 if on_cpu else None,
+        "fraction_of_fma_peak": of_peak,
+        "fraction_of_fma_peak_cpu_time": of_peak_cpu,
+        "fraction_of_matmul": gflops_s / mm if mm else None,
+        "speedup_over_eager": paired_ratio(samples[EAGER], samples[name]),
+    }
+
+
+def _speedups(samples: dict) -> dict[str, Any]:
+    """The point's paired ratios: folding, channels-last, and ONNX Runtime against torch."""
     out = {
-        "size": size_label(hw),
-        "batch": batch,
-        "rounds": rounds,
-        "preference": {"r": r, "c": c},
-        "architecture_id": folded.architecture.id,
-        "gflops_per_image": folded.cost(hw).gflops,
-        "onnx_providers": providers,
-        "skipped": skipped,
-        "rows": rows,
-        "samples_s": samples,
-        "cpu_samples_s": cpu,
         "fold_speedup_eager": paired_ratio(samples["torch eager, unfolded"], samples[EAGER]),
         "channels_last_speedup": paired_ratio(
             samples[EAGER], samples["torch channels-last, folded"]
@@ -120,6 +101,36 @@ def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
     if "onnx, unfolded" in samples:
         out["fold_speedup_onnx"] = paired_ratio(samples["onnx, unfolded"], samples["onnx, folded"])
     return out
+
+
+def measure_point(ctx: Context, size: str, batch: int) -> dict[str, Any]:
+    model, hw = ctx.model, ctx.hw(size)
+    r, c = served_preference(model.n_tasks)
+    with torch.no_grad():
+        folded = model.materialize(r, c)
+        unfolded = model.materialize(r, c, fold_bn=False)
+        variants, providers, skipped = _variants(ctx, folded, unfolded, ctx.images(batch, hw), hw)
+    with torch.inference_mode():
+        rounds = calibrate(
+            variants, ctx.budget(), ctx.config.min_rounds, ctx.config.max_rounds, ctx.sync
+        )
+        cpu: dict[str, list[float]] = {}
+        samples = interleave(variants, rounds, warmup=1, sync=ctx.sync, cpu=cpu)
+    flops = folded.cost(hw).flops * batch
+    return {
+        "size": size_label(hw),
+        "batch": batch,
+        "rounds": rounds,
+        "preference": {"r": r, "c": c},
+        "architecture_id": folded.architecture.id,
+        "gflops_per_image": folded.cost(hw).gflops,
+        "onnx_providers": providers,
+        "skipped": skipped,
+        "rows": [_row(ctx, name, samples, cpu, flops) for name in samples],
+        "samples_s": samples,
+        "cpu_samples_s": cpu,
+        **_speedups(samples),
+    }
 
 
 def run(ctx: Context) -> dict[str, Any]:
