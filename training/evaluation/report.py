@@ -467,11 +467,8 @@ def _hv(entry: dict[str, Any]) -> str:
     return f"{entry['hypervolume']:.4g}" + ("" if entry["hypervolume_exact"] else " (approx.)")
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: the paper's table, metrics and Δ_m, Table 6, resource, claims."""
-    ref = ", ".join(f"{v:g}" for v in report["reference_point"])
-    names = [t["name"] for t in report["tasks"]]
-    lines = [
+def _md_header(report: dict[str, Any], ref: str, names: list[str]) -> list[str]:
+    return [
         f"# Evaluation of `{report['source']}`",
         "",
         *([f"Made by `{report['command']}`.", ""] if report.get("command") else []),
@@ -487,6 +484,12 @@ def markdown(report: dict[str, Any]) -> str:
             else 'approximate (moocore.hv_approx, marked "approx.").'
         ),
         "",
+    ]
+
+
+def _md_methods(report: dict[str, Any], ref: str) -> list[str]:
+    """The paper's table (Tables 1-4): HV, uniformity, params, GFLOPs, control params."""
+    lines = [
         f"| Method | HV ↑ [{ref}] | Unif. ↑ | Inference Params ↓ | GFLOPs ↓ | Control Params |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -496,14 +499,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_params(entry['inference_params'])} | {entry['gflops']:.4f} | "
             f"{_params(entry['control_params']) if entry['control_params'] else '–'} |"
         )
-    lines += [
-        "",
+    note = (
         "Single-Task ignores r: its uniformity is the level of a method without control. The "
-        "static row is K networks, each evaluated once at its own preference r_k.",
-        "",
-        "## Task metrics (mean over the preferences) and Δ_m against Single-Task",
-        "",
-    ]
+        "static row is K networks, each evaluated once at its own preference r_k."
+    )
+    return [*lines, "", note]
+
+
+def _md_metrics(report: dict[str, Any], names: list[str]) -> list[str]:
+    lines = ["", "## Task metrics (mean over the preferences) and Δ_m against Single-Task", ""]
     metric_cols = [
         (t, m)
         for t in names
@@ -520,43 +524,59 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join("–" if v is None else f"{v:.4g}" for v in vals)
             + f" | {'–' if dm is None else f'{dm:+.2f}'} |"
         )
-    if report["ablations"]:
-        lines += [
-            "",
-            "## Ablation (paper Table 6)",
-            "",
-            "| Method | HV c=0 | HV c=1 | Unif. c=0 | Unif. c=1 | Params c=0 | Params c=1 "
-            "| GFLOPs c=0 | GFLOPs c=1 |",
-            "|---|" + "---:|" * 8,
-        ]
-        groups = {}
-        if not any(k.startswith("ablation-reference-") for k in report["ablations"]):
-            groups["dymu"] = ("dymu-c0", "dymu-c1")  # no control row trained: the run's dymu
-        for key in report["ablations"]:
-            flag = key[len("ablation-") :].rsplit("-c", 1)[0]
-            groups.setdefault(
-                ABLATION_LABELS.get(flag, flag), (f"ablation-{flag}-c0", f"ablation-{flag}-c1")
-            )
-        everything = {**report["methods"], **report["ablations"]}
-        for label, (k0, k1) in groups.items():
-            a, b = everything[k0], everything[k1]
-            lines.append(
-                f"| {label} | {_hv(a)} | {_hv(b)} | {a['uniformity']:.3f} | {b['uniformity']:.3f} "
-                f"| {_params(a['inference_params'])} | {_params(b['inference_params'])} "
-                f"| {a['gflops']:.4f} | {b['gflops']:.4f} |"
-            )
-    if report.get("training_budgets"):
-        lines += [
-            "",
-            "## Training budgets (run.json)",
-            "",
-            "| method | optimizer steps | training seconds (this machine) | path |",
-            "|---|---:|---:|---|",
-        ]
-        for name, b in report["training_budgets"].items():
-            secs = "–" if b["train_seconds"] is None else f"{b['train_seconds']:.0f}"
-            lines.append(f"| {name} | {b['steps'] or '–'} | {secs} | `{b['path']}` |")
-    lines += [
+    return lines
+
+
+def _md_ablation(report: dict[str, Any]) -> list[str]:
+    """Table 6: each ablation's pair of rows (c = 0, c = 1), beside the full model's."""
+    if not report["ablations"]:
+        return []
+    lines = [
+        "",
+        "## Ablation (paper Table 6)",
+        "",
+        "| Method | HV c=0 | HV c=1 | Unif. c=0 | Unif. c=1 | Params c=0 | Params c=1 "
+        "| GFLOPs c=0 | GFLOPs c=1 |",
+        "|---|" + "---:|" * 8,
+    ]
+    groups = {}
+    if not any(k.startswith("ablation-reference-") for k in report["ablations"]):
+        groups["dymu"] = ("dymu-c0", "dymu-c1")  # no control row trained: the run's dymu
+    for key in report["ablations"]:
+        flag = key[len("ablation-") :].rsplit("-c", 1)[0]
+        groups.setdefault(
+            ABLATION_LABELS.get(flag, flag), (f"ablation-{flag}-c0", f"ablation-{flag}-c1")
+        )
+    everything = {**report["methods"], **report["ablations"]}
+    for label, (k0, k1) in groups.items():
+        a, b = everything[k0], everything[k1]
+        lines.append(
+            f"| {label} | {_hv(a)} | {_hv(b)} | {a['uniformity']:.3f} | {b['uniformity']:.3f} "
+            f"| {_params(a['inference_params'])} | {_params(b['inference_params'])} "
+            f"| {a['gflops']:.4f} | {b['gflops']:.4f} |"
+        )
+    return lines
+
+
+def _md_budgets(report: dict[str, Any]) -> list[str]:
+    if not report.get("training_budgets"):
+        return []
+    lines = [
+        "",
+        "## Training budgets (run.json)",
+        "",
+        "| method | optimizer steps | training seconds (this machine) | path |",
+        "|---|---:|---:|---|",
+    ]
+    for name, b in report["training_budgets"].items():
+        secs = "–" if b["train_seconds"] is None else f"{b['train_seconds']:.0f}"
+        lines.append(f"| {name} | {b['steps'] or '–'} | {secs} | `{b['path']}` |")
+    return lines
+
+
+def _md_resource_and_claims(report: dict[str, Any]) -> list[str]:
+    """Fig. 5's resource use against c, the claims' verdicts and the figures' files."""
+    lines = [
         "",
         "## Resource use of dymu against c (paper Fig. 5)",
         "",
@@ -572,7 +592,22 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("figures"):
         lines += ["", "## Figures", ""]
         lines += [f"- `{f}`: {what}" for f, what in report["figures"].items()]
-    lines.append("")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: the paper's table, metrics and Δ_m, Table 6, resource, claims."""
+    ref = ", ".join(f"{v:g}" for v in report["reference_point"])
+    names = [t["name"] for t in report["tasks"]]
+    lines = [
+        *_md_header(report, ref, names),
+        *_md_methods(report, ref),
+        *_md_metrics(report, names),
+        *_md_ablation(report),
+        *_md_budgets(report),
+        *_md_resource_and_claims(report),
+        "",
+    ]
     return "\n".join(lines)
 
 
