@@ -42,7 +42,7 @@ from .loop import (
     preferences,
     simplex_grid,
 )
-from .methods import ABLATION_LABELS, DYMU_C, Source, ablation_rows, build_rows
+from .methods import ABLATION_LABELS, DYMU_C, Row, Source, ablation_rows, build_rows
 from .metrics import bootstrap_interval, hypervolume, uniformity
 
 FLOP_CONVENTION = "1 multiply-add = 2 FLOPs (torch.utils.flop_counter.FlopCounterMode), per image"
@@ -168,6 +168,58 @@ def _showcase_trees(model: Any, names: Sequence[str]) -> dict[str, Any]:
     return trees
 
 
+def _method_result(
+    ev: Evaluator,
+    row: Row,
+    prefs: Any,
+    reference: Sequence[float],
+    cost_prefs: Any,
+    names: list[str],
+    seed: int,
+) -> RowResult:
+    """One method's row; Single-Task's metrics become the Δ_m reference of the rows after it
+    (build_rows puts it first)."""
+    res = ev.row_result(row, prefs, reference, cost_prefs)
+    if row.family == "single-task":
+        ev.single_task = res.points[0].metrics
+        res.delta_m = 0.0
+    if row.family == "static":
+        res.extra["hv_vs_train_time"] = _static_hv_curve(res, names, reference, seed)
+    return res
+
+
+def _marginal_lines(
+    ev: Evaluator, dymu_rows: list[Row], marg: list, names: list[str], bar: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Each task's loss along r_i with the rest split evenly, per dymu row (the marginal grid)."""
+    marginal = {}
+    for row in dymu_rows:
+        bar.set_description(f"marginal {row.label}"[:40])
+        marginal[row.key] = [
+            {
+                "task": names[i],
+                "r_i": ri,
+                **ev.point(row.method, r, row.c, row.cache_key(r, row.c)).to_dict(),
+            }
+            for i, ri, r in marg
+        ]
+    return marginal
+
+
+def _tradeoff_curves(
+    ev: Evaluator, curve_rows: list[Row], pairs: list, names: list[str], bar: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Every pair of tasks traded against each other (the pair grid), per curve row."""
+    curves = {}
+    for row in curve_rows:
+        bar.set_description(f"pairs {row.label}"[:40])
+        curves[row.key] = [
+            {"pair": [names[i], names[j]], "t": t, **ev.point(row.method, r, row.c).to_dict()}
+            for i, j, t, r in pairs
+        ]
+    return curves
+
+
 def evaluate_source(
     source: Source,
     dataset: Any,
@@ -204,35 +256,10 @@ def evaluate_source(
     t0 = time.perf_counter()
     bar = tqdm(total=total, disable=not progress, unit="pref", dynamic_ncols=True)
     ev = Evaluator(dataset, tasks, batch_size=batch_size, device=device, progress=bar)
-    results: list[RowResult] = []
-    for row in rows:
-        res = ev.row_result(row, prefs, reference, cost_prefs)
-        if row.family == "single-task":
-            ev.single_task = res.points[0].metrics
-            res.delta_m = 0.0
-        if row.family == "static":
-            res.extra["hv_vs_train_time"] = _static_hv_curve(res, names, reference, seed)
-        results.append(res)
+    results = [_method_result(ev, row, prefs, reference, cost_prefs, names, seed) for row in rows]
     ablation_results = [ev.row_result(row, prefs, reference, cost_prefs) for row in ablations]
-
-    marginal = {}
-    for row in dymu_rows:
-        bar.set_description(f"marginal {row.label}"[:40])
-        marginal[row.key] = [
-            {
-                "task": names[i],
-                "r_i": ri,
-                **ev.point(row.method, r, row.c, row.cache_key(r, row.c)).to_dict(),
-            }
-            for i, ri, r in marg
-        ]
-    curves = {}
-    for row in curve_rows:
-        bar.set_description(f"pairs {row.label}"[:40])
-        curves[row.key] = [
-            {"pair": [names[i], names[j]], "t": t, **ev.point(row.method, r, row.c).to_dict()}
-            for i, j, t, r in pairs
-        ]
+    marginal = _marginal_lines(ev, dymu_rows, marg, names, bar)
+    curves = _tradeoff_curves(ev, curve_rows, pairs, names, bar)
     bar.close()
 
     anchor = model.anchor_cost()
