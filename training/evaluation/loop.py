@@ -132,6 +132,11 @@ class Evaluator:
         if self.progress is not None:
             self.progress.update(1)
 
+    def describe(self, label: str) -> None:
+        """Name what the progress bar counts now (first 40 characters)."""
+        if self.progress is not None:
+            self.progress.set_description(label[:40])
+
     @torch.no_grad()
     def point(
         self, method: Any, r: Sequence[float], c: float | None, key: Hashable = None
@@ -157,8 +162,7 @@ class Evaluator:
 
     def row_points(self, row: Row, preferences: Sequence[PreferencePoint]) -> list[Point]:
         """The row at each preference (the static group: each network at its own r_k)."""
-        if self.progress is not None:
-            self.progress.set_description(row.label[:40])
+        self.describe(row.label)
         if row.members is not None:
             return [self.point(m, list(m.r), None) for m in row.members]
         return [self.point(row.method, r, row.c, row.cache_key(r, row.c)) for r, _ in preferences]

@@ -189,12 +189,12 @@ def _method_result(
 
 
 def _marginal_lines(
-    ev: Evaluator, dymu_rows: list[Row], marg: list, names: list[str], bar: Any
+    ev: Evaluator, dymu_rows: list[Row], marg: list, names: list[str]
 ) -> dict[str, list[dict[str, Any]]]:
     """Each task's loss along r_i with the rest split evenly, per dymu row (the marginal grid)."""
     marginal = {}
     for row in dymu_rows:
-        bar.set_description(f"marginal {row.label}"[:40])
+        ev.describe(f"marginal {row.label}")
         marginal[row.key] = [
             {
                 "task": names[i],
@@ -207,12 +207,12 @@ def _marginal_lines(
 
 
 def _tradeoff_curves(
-    ev: Evaluator, curve_rows: list[Row], pairs: list, names: list[str], bar: Any
+    ev: Evaluator, curve_rows: list[Row], pairs: list, names: list[str]
 ) -> dict[str, list[dict[str, Any]]]:
     """Every pair of tasks traded against each other (the pair grid), per curve row."""
     curves = {}
     for row in curve_rows:
-        bar.set_description(f"pairs {row.label}"[:40])
+        ev.describe(f"pairs {row.label}")
         curves[row.key] = [
             {"pair": [names[i], names[j]], "t": t, **ev.point(row.method, r, row.c).to_dict()}
             for i, j, t, r in pairs
@@ -258,8 +258,8 @@ def evaluate_source(
     ev = Evaluator(dataset, tasks, batch_size=batch_size, device=device, progress=bar)
     results = [_method_result(ev, row, prefs, reference, cost_prefs, names, seed) for row in rows]
     ablation_results = [ev.row_result(row, prefs, reference, cost_prefs) for row in ablations]
-    marginal = _marginal_lines(ev, dymu_rows, marg, names, bar)
-    curves = _tradeoff_curves(ev, curve_rows, pairs, names, bar)
+    marginal = _marginal_lines(ev, dymu_rows, marg, names)
+    curves = _tradeoff_curves(ev, curve_rows, pairs, names)
     bar.close()
 
     anchor = model.anchor_cost()
