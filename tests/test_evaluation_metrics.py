@@ -15,6 +15,7 @@ from training.evaluation.metrics import (
     bootstrap_interval,
     hypervolume,
     reference_point,
+    spearman,
     uniformity,
     uniformity_reach,
 )
@@ -149,6 +150,15 @@ def _points(rs, losses):
         Point(list(r), 0.0, dict(zip(names, row, strict=True)), {}, 0, 0)
         for r, row in zip(rs, losses, strict=True)
     ]
+
+
+def test_spearman_ranks_and_gives_none_where_nothing_can_be_ranked():
+    r = [0.1, 0.4, 0.2, 0.9]
+    assert spearman(r, [5.0, 2.0, 4.0, 1.0]) == pytest.approx(-1.0)  # loss falls as r rises
+    assert spearman(r, [1.0, 30.0, 2.0, 40.0]) == pytest.approx(1.0)  # ranks, not values
+    assert spearman(r, [1.0, 3.0, 2.0, 2.5]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert spearman(r, [2.0, 2.0, 2.0, 2.0]) is None  # one tree for every r: no ranking
+    assert spearman([0.5] * 4, [1.0, 2.0, 3.0, 4.0]) is None
 
 
 def test_bootstrap_interval_resamples_preferences_with_a_fixed_seed():

@@ -77,6 +77,30 @@ def test_the_dichotomy_step_at_tau_makes_a_task_lose_as_its_weight_rises():
     assert low["last_over_first"] < 1.0
 
 
+def test_a_judge_table_prices_the_same_trees_and_reads_claim_2_on_its_own_losses():
+    table = _two_task_table(0.05)
+    options = MapOptions(c_values=(0.0, 1.0), points=11, preferences=200)
+    plain = map_trees(table, ["a", "b"], _nodes_fraction(table), (10.0, 0.01), options)
+    # judged by the same table: the same trees, the same losses, the same rho
+    same = map_trees(table, ["a", "b"], _nodes_fraction(table), (10.0, 0.01), options, table)
+    assert same["control_rho"]["judged"] == same["control_rho"]["table"]
+    assert same["control_rho"]["table"] == plain["control_rho"]["table"]
+    assert plain["control_rho"]["table"]["b"] < 0  # b keeps its own path as r_b rises
+    # a judge on whose images b's own path is the worst: the map picks the same trees, and
+    # there b's loss rises with its weight
+    flipped = TreeTable.build(
+        torch.tensor([[1.0, 3.0, 3.0, 3.0], [1.0, 1.0, 1.0, 2.0]]), 3, torch.ones(2, 2), 0.05,
+        RegularizerSwitches(),
+    )  # fmt: skip
+    judged = map_trees(table, ["a", "b"], _nodes_fraction(table), (10.0, 0.01), options, flipped)
+    assert judged["control_rho"]["table"] == plain["control_rho"]["table"]
+    assert judged["control_rho"]["judged"]["b"] > 0
+    line = judged["by_c"]["1.0"]["lines"]["b"]
+    assert [p["tree"] for p in line] == [p["tree"] for p in plain["by_c"]["1.0"]["lines"]["b"]]
+    assert [p["judged"]["b"] for p in line] == [3.0 - p["losses"]["b"] for p in line]
+    assert "judged" not in plain["by_c"]["1.0"]["lines"]["b"][0]
+
+
 def test_with_edge_validates_the_overrides():
     config = load_config("scenes-tiny")
     assert with_edge(config, tau=0.1, lambda_active=None).edge.tau == 0.1
@@ -149,6 +173,45 @@ def test_the_cli_rejects_bad_input_with_one_line(tiny_artifact, tmp_path, capsys
         main(["tree-map", str(config), str(vdir), "--c", "2"])
     assert exc.value.code == 2
     assert "every c must be in [0, 1]" in capsys.readouterr().err
+    for bad in ("[1, 2]", "{seed: 4}"):
+        with pytest.raises(SystemExit) as exc:
+            main(["tree-map", str(config), str(vdir), "--judge", bad])
+        assert exc.value.code == 2
+        assert "expected a JSON object of dataset options" in capsys.readouterr().err
+    assert main(["tree-map", str(config), str(vdir), "--judge", '{"writers": 3}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dymu: error: scenes takes no option writers") and "\n" not in err
+
+
+@pytest.mark.slow  # two CLI runs (~30 s): make test-slow
+def test_judged_on_the_table_s_own_images_the_trees_cost_what_the_table_says(
+    tiny_artifact, tmp_path
+):
+    vdir, config = tiny_artifact
+    # the table read off 4 calibration images (path_scale loss-scale: w_j T), judged on the
+    # same 4 images: every judged loss is the table's; on 6 other images they differ
+    calibrated = tmp_path / "cal.toml"
+    text = config.read_text().replace(
+        "[data]\n", "[data]\ncalibration_options = { n = 4, seed = 5 }\n"
+    )
+    calibrated.write_text(text)
+    out = tmp_path / "map.json"
+    args = ["tree-map", str(calibrated), str(vdir), "--points", "3", "--preferences", "30"]
+    same = [*args, "--judge", '{"n": 4, "seed": 5}', "--judge-images", "4", "--json", str(out)]
+    assert main(same) == 0
+    flat = json.loads(out.read_text())
+    assert flat["table_split"] == "calibration"
+    assert flat["judge"] == {"options": {"n": 4, "seed": 5}, "images": 4}
+    points = [p for v in flat["by_c"].values() for pts in v["lines"].values() for p in pts]
+    for p in points:
+        assert p["judged"] == pytest.approx(p["losses"], rel=1e-5)
+    assert flat["control_rho"]["judged"] == pytest.approx(flat["control_rho"]["table"])
+    other = [*args, "--judge", '{"n": 6, "seed": 6}', "--json", str(out)]
+    assert main(other) == 0
+    flat = json.loads(out.read_text())
+    assert flat["judge"]["images"] == 6  # at most the split's images
+    points = [p for v in flat["by_c"].values() for pts in v["lines"].values() for p in pts]
+    assert any(p["judged"] != pytest.approx(p["losses"], rel=1e-3) for p in points)
 
 
 def test_the_path_table_is_cached_for_the_same_streams_and_images_only(

@@ -171,6 +171,19 @@ def _c_values(text: str) -> tuple[float, ...]:
     return values
 
 
+def _dataset_options(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        msg = f'expected a JSON object of dataset options, e.g. {{"seed": 4}}, got {text!r}'
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _tree_map(args: argparse.Namespace) -> int:
     import json
 
@@ -190,7 +203,8 @@ def _tree_map(args: argparse.Namespace) -> int:
     )
     options = MapOptions(c_values=args.c, points=args.points, preferences=args.preferences)
     device = resolve_device(args.device)
-    result = tree_map_of(config, args.artifact, device, options, table_cache=args.table)
+    judge = None if args.judge is None else (args.judge, args.judge_images)
+    result = tree_map_of(config, args.artifact, device, options, args.table, judge)
     print(markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -236,6 +250,18 @@ def add_tree_map_command(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="read the path table from FILE (safetensors) when it holds this artifact's and "
         "config's table, else compute it and write it there: the table is most of the time",
+    )
+    p.add_argument(
+        "--judge",
+        type=_dataset_options,
+        default=None,
+        metavar="OPTIONS",
+        help="also price the map's trees on images of the training source under these dataset "
+        "options (a JSON object, like calibration_options), e.g. other writers' digits: does "
+        "claim 2 hold on images the table never saw?",
+    )
+    p.add_argument(
+        "--judge-images", type=at_least(1), default=1000, help="images of the judge split"
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.set_defaults(func=_tree_map)

@@ -12,14 +12,21 @@ edge stage's minutes (docs/training.md, "The tree map"). Per c it gives:
   grid): the tree at each point (its index in ``hard_trees``' enumeration), its cost and the
   tasks' table losses;
 * whether each task's table loss is non-increasing along its line, the table's version of the
-  paper's task control (claim 2).
+  paper's task control (claim 2), and claim 2's statistic over the Dir(1) preferences: Spearman's
+  rho(r_i, loss of task i) pooled over the values of c, as `dymu evaluate` pools c = 0 and 1.
+
+With a **judge split** (``--judge``: dataset options of the training source, e.g. other
+writers' digits than the calibration split's) the map's trees are also priced on a second path
+table of those images, so one sees whether the trees the map picks on the table's images keep
+claim 2 on images the table never saw (docs/training.md, "The tree map").
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +42,12 @@ from dymu.preference import sample_preferences
 from dymu.store import read_manifest, resolve
 
 from .config import TrainConfig
+from .data import collate, split_dataset
 from .evaluation.loop import marginal_grid
+from .evaluation.metrics import spearman
+from .paths import path_losses
 from .run import Run
-from .stages import EdgeObjective, applied_lambda_active, path_table, stage_affinity
+from .stages import PATH_CHUNK, EdgeObjective, applied_lambda_active, path_table, stage_affinity
 from .trees import TreeTable
 
 #: Relative slack of the monotonicity check: table losses are floats summed over images.
@@ -80,9 +90,12 @@ def map_trees(
     fraction: Callable[[int], float],
     lambdas: tuple[float, float],
     options: MapOptions = MapOptions(),
+    judge: TreeTable | None = None,
 ) -> dict[str, Any]:
     """The map of the module docstring for a tree table; ``fraction(k)`` is tree k's cost as a
-    fraction of the anchor's, ``lambdas`` = (lambda_A, lambda_I)."""
+    fraction of the anchor's, ``lambdas`` = (lambda_A, lambda_I). ``judge``: the same trees
+    priced on another table (each line point gets ``judged`` losses, and claim 2's rho is read
+    on both tables)."""
     n = len(names)
     dense = torch.tensor(
         [r for r, _ in sample_preferences(n, options.preferences, options.seed)],
@@ -90,23 +103,26 @@ def map_trees(
     )
     grid = marginal_grid(n, options.points)
     line_r = torch.tensor([r for _, _, r in grid], dtype=torch.float64)
-    by_c = {}
+    by_c, picks = {}, []
     for c in options.c_values:
-        mean = sum(fraction(k) for k in best_trees(table, dense, c, *lambdas)) / len(dense)
+        dense_trees = best_trees(table, dense, c, *lambdas)
+        picks += dense_trees
+        mean = sum(fraction(k) for k in dense_trees) / len(dense)
         lines: dict[str, list[dict[str, Any]]] = {t: [] for t in names}
         for (i, ri, _), k in zip(grid, best_trees(table, line_r, c, *lambdas), strict=True):
-            losses = table.task_losses[k].tolist()
-            lines[names[i]].append(
-                {
-                    "r_i": ri,
-                    "tree": k,
-                    "fraction": fraction(k),
-                    "losses": dict(zip(names, losses, strict=True)),
-                }
-            )
+            point = {"r_i": ri, "tree": k, "fraction": fraction(k)}
+            point["losses"] = dict(zip(names, table.task_losses[k].tolist(), strict=True))
+            if judge is not None:
+                point["judged"] = dict(zip(names, judge.task_losses[k].tolist(), strict=True))
+            lines[names[i]].append(point)
         by_c[str(c)] = {"mean_fraction": mean, "lines": lines, "monotone": _monotone(lines)}
     means = [v["mean_fraction"] for v in by_c.values()]
+    pooled = dense.repeat(len(options.c_values), 1)
+    control = {"table": control_rho(pooled, table.task_losses[picks], names)}
+    if judge is not None:
+        control["judged"] = control_rho(pooled, judge.task_losses[picks], names)
     return {
+        "control_rho": control,
         "tasks": names,
         "tau": table.tau,
         "lambda_active": lambdas[0],
@@ -114,6 +130,12 @@ def map_trees(
         "by_c": by_c,
         "last_over_first": means[-1] / means[0] if means[0] > 0 else None,
     }
+
+
+def control_rho(r: torch.Tensor, losses: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Claim 2's statistic per task: Spearman's rho(r_i, loss_i) over preferences ``r`` (P, N)
+    and the losses (P, N) of their trees (None where either is constant)."""
+    return {t: spearman(r[:, i].tolist(), losses[:, i].tolist()) for i, t in enumerate(names)}
 
 
 def _monotone(lines: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
@@ -167,14 +189,23 @@ def cached_table(run: Run, key: dict[str, str], cache: Path | None) -> torch.Ten
     return table
 
 
-def tree_map(run: Run, table: torch.Tensor, options: MapOptions = MapOptions()) -> dict[str, Any]:
+def tree_map(
+    run: Run,
+    table: torch.Tensor,
+    options: MapOptions = MapOptions(),
+    judge: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """The map for a prepared run whose anchor holds the streams and whose ``affinity`` is
-    set, on its path ``table``."""
+    set, on its path ``table``; ``judge`` (:func:`judge_table`) prices the map's trees again."""
     cfg, model = run.config.edge, run.model
     objective = EdgeObjective.build(cfg, run.tasks, run.affinity, run.device)
-    trees = TreeTable.build(
-        table, model.n_layers, objective.affinity, objective.tau, objective.switches
-    )
+
+    def tree_table(t: torch.Tensor) -> TreeTable:
+        return TreeTable.build(
+            t, model.n_layers, objective.affinity, objective.tau, objective.switches
+        )
+
+    trees = tree_table(table)
     anchor = model.anchor_cost().flops
     costs: dict[int, float] = {}
 
@@ -187,12 +218,34 @@ def tree_map(run: Run, table: torch.Tensor, options: MapOptions = MapOptions()) 
 
     names = [t.name for t in run.tasks]
     lam, measured = applied_lambda_active(cfg, trees, run.config.seed)
-    result = map_trees(trees, names, fraction, (lam, cfg.lambda_inactive), options)
+    lambdas = (lam, cfg.lambda_inactive)
+    judged = None if judge is None else tree_table(judge)
+    result = map_trees(trees, names, fraction, lambdas, options, judged)
     result.update(measured, pull_scale=cfg.pull_scale)
     result["path_scale"] = cfg.path_scale
     result["table_split"] = table_split(run)
     result["path_images"] = cfg.path_images
     return result
+
+
+@torch.no_grad()
+def judge_table(run: Run, options: dict[str, Any], images: int) -> tuple[torch.Tensor, int]:
+    """w_j T[j, p] (training/paths.py) and the image count, on the first ``images`` images of
+    the training source under dataset ``options``: the judge split's prices of every path. The
+    benchmark's held-out split comes from another source (another random stream, other digits,
+    other files), so no options name it here."""
+    data_cfg = run.config.data.model_copy(update={"calibration_options": dict(options)})
+    data = split_dataset(run.config.model_copy(update={"data": data_cfg}), calibration=True)
+    k = min(images, len(data))
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, k, PATH_CHUNK):
+            batch = collate([data[i] for i in range(start, min(start + PATH_CHUNK, k))])
+            yield {key: v.to(run.device) for key, v in batch.items()}
+
+    table = path_losses(run.model.anchor.eval(), batches(), run.tasks)
+    scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
+    return (table * scales.unsqueeze(1)).to(run.device), k
 
 
 def tree_map_of(
@@ -201,9 +254,11 @@ def tree_map_of(
     device: torch.device,
     options: MapOptions = MapOptions(),
     table_cache: Path | None = None,
+    judge: tuple[dict[str, Any], int] | None = None,
 ) -> dict[str, Any]:
     """``config``'s map on the streams of ``artifact`` (in a scratch run directory, removed
-    after); the path table is read from or written to ``table_cache`` when given."""
+    after); the path table is read from or written to ``table_cache`` when given. ``judge`` =
+    (dataset options, images): the judge split of :func:`judge_table`."""
     from .distributed import Distributed
     from .pipeline import RunRequest, prepare_run
 
@@ -218,7 +273,13 @@ def tree_map_of(
         run, _, _ = prepare_run(request)
         run.affinity = stage_affinity(run)
         table = cached_table(run, table_key(run, artifact), table_cache)
-        return tree_map(run, table, options)
+        if judge is None:
+            return tree_map(run, table, options)
+        judged, count = judge_table(run, *judge)
+        return {
+            **tree_map(run, table, options, judged),
+            "judge": {"options": judge[0], "images": count},
+        }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -244,10 +305,32 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {c} | {v['mean_fraction']:.3f} | {mono} |")
     if result["last_over_first"] is not None:
         lines += ["", f"last c / first c: {result['last_over_first']:.3f}"]
+    lines += ["", *_control_lines(result)]
     for c, v in result["by_c"].items():
         lines += ["", f"c = {c}: each task's own table loss / the tree's cost, r_i from 0 to 1"]
         for task in names:
             pts = v["lines"][task]
             cells = " ".join(f"{p['losses'][task]:.2f}/{p['fraction']:.2f}" for p in pts)
             lines.append(f"  {task}: {cells}")
+            if "judged" in pts[0]:
+                lines.append(
+                    f"  {task} judged: " + " ".join(f"{p['judged'][task]:.3f}" for p in pts)
+                )
     return "\n".join(lines)
+
+
+def _control_lines(result: dict[str, Any]) -> list[str]:
+    """Claim 2's rho on the table and, with a judge split, on the judge's images."""
+
+    def cells(rho: dict[str, float | None]) -> str:
+        return ", ".join(f"{t} {'n/a' if v is None else f'{v:+.2f}'}" for t, v in rho.items())
+
+    rho = result["control_rho"]
+    c_values = ", ".join(result["by_c"])
+    out = [f"claim 2's rho(r_i, loss), Dir(1) preferences at c = {c_values} pooled:"]
+    out.append(f"  on the table: {cells(rho['table'])}")
+    if "judge" in result:
+        judge = result["judge"]
+        where = f"{judge['images']} images of {json.dumps(judge['options'])}"
+        out.append(f"  judged on {where}: {cells(rho['judged'])}")
+    return out

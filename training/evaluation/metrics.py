@@ -7,6 +7,7 @@
 * :func:`uniformity` — ``μ_r = 1 − KL(L̂ ‖ 1/N)``, ``L̂_j = r_j L_j / Σ_i r_i L_i`` (§4.1).
 * :func:`uniformity_reach` — the lowest and highest uniformity over a box of loss vectors (how far
   a part of the model that moves each loss within known bounds could move uniformity).
+* :func:`spearman` — Spearman's ρ of two sequences, claim 2's statistic (ρ(r_i, w_i L_i) < 0).
 * :func:`bootstrap_interval` — a percentile bootstrap interval of a statistic over a set of
   preferences (resampled whole, so a preference's points at c = 0 and c = 1 stay together).
 * :data:`REFERENCE_POINTS` — the reference point of every benchmark, with the reason for it.
@@ -225,6 +226,17 @@ def uniformity_reach(
     grid = itertools.product(t, repeat=lo.size)
     values = [uniformity(r, lo + np.array(point) * (hi - lo)) for point in grid]
     return min(values), max(values)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's ρ between ``x`` and ``y``; None where either is constant (no ranking) or the
+    statistic is not finite. Claim 2 reads ρ(r_i, w_i L_i) over a method's preferences."""
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rho = float(spearmanr(x, y).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def bootstrap_interval(

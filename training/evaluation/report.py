@@ -43,7 +43,7 @@ from .loop import (
     simplex_grid,
 )
 from .methods import ABLATION_LABELS, DYMU_C, Row, Source, ablation_rows, build_rows
-from .metrics import bootstrap_interval, hypervolume, uniformity
+from .metrics import bootstrap_interval, hypervolume, spearman, uniformity
 
 FLOP_CONVENTION = "1 multiply-add = 2 FLOPs (torch.utils.flop_counter.FlopCounterMode), per image"
 LOSS_CONVENTION = (
@@ -110,14 +110,6 @@ def _static_hv_curve(
             }
         )
     return curve
-
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(set(x)) < 2 or len(set(y)) < 2:
-        return None
-    return finite(float(spearmanr(x, y).statistic))
 
 
 def _resource_usage(
@@ -313,7 +305,7 @@ def _same_preferences(*point_lists: Sequence[Any]) -> bool:
 
 def _task_rho(points: Sequence[Any], i: int, name: str) -> float | None:
     """Spearman's ρ between task i's preference r_i and its loss over ``points`` (claim 2)."""
-    return _spearman([p.r[i] for p in points], [p.losses[name] for p in points])
+    return spearman([p.r[i] for p in points], [p.losses[name] for p in points])
 
 
 def _interval_text(interval: tuple[float, float] | None, fmt: str = "+.3f") -> str:
