@@ -219,14 +219,13 @@ def test_the_trunk_is_shared_then_copied_into_every_stream(tmp_path):
     }  # fmt: skip
 
 
-def _calibrated_run(tmp_path, calibration):
+def _calibrated_run(tmp_path, calibration, path_split="calibration"):
     base = load_config("scenes-tiny")
+    edge = {"estimator": "trees", "path_images": 4, "path_scale": "loss-scale"}
     config = base.model_copy(
         update={
             "data": base.data.model_copy(update={"calibration_options": calibration}),
-            "edge": base.edge.model_copy(
-                update={"estimator": "trees", "path_images": 4, "path_scale": "loss-scale"}
-            ),
+            "edge": base.edge.model_copy(update={**edge, "path_split": path_split}),
         }
     )
     return prepared_run(tmp_path, config, ("edge",))
@@ -248,6 +247,25 @@ def test_the_path_table_reads_the_calibration_split_not_the_training_images(tmp_
     plain.model.load_state_dict(run.model.state_dict())
     assert plain.calibration_set is None
     assert not torch.allclose(path_table(plain), path_table(run))
+
+
+def test_path_split_training_reads_the_training_images_beside_a_calibration_split(tmp_path):
+    from training.stages import path_table
+    from training.treemap import table_split
+
+    calibration = {"n": 4, "seed": 7}
+    cal = _calibrated_run(tmp_path / "a", calibration)
+    training = _calibrated_run(tmp_path / "b", calibration, path_split="training")
+    plain = _calibrated_run(tmp_path / "c", None)
+    for other in (training, plain):
+        other.model.load_state_dict(cal.model.state_dict())
+    assert training.calibration_set is not None  # stream selection may still read it
+    # the same training images as a run without a calibration split (same seed, same draw)
+    torch.testing.assert_close(path_table(training), path_table(plain))
+    assert not torch.allclose(path_table(training), path_table(cal))
+    assert [table_split(r) for r in (cal, training, plain)] == [
+        "calibration", "training", "training",
+    ]  # fmt: skip
 
 
 def test_asking_for_a_calibration_split_the_config_lacks_is_a_config_error():

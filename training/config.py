@@ -174,6 +174,13 @@ class EdgeStage(HypernetStage):
         description="initial logit bias of each node's own-stream parent: > 0 starts the "
         "controller at the anchor (the fully branched tree) instead of a uniform choice",
     )
+    path_split: Literal["calibration", "training"] = Field(
+        default="calibration",
+        description="paths and trees estimators: read the path table on the calibration split "
+        "where the config has one (else the training split), or on the training split always "
+        "(more writers than a calibration slice, but images the streams fitted; docs/training.md, "
+        "'The table's split')",
+    )
     path_scale: Literal["loss-scale", "single-task"] = Field(
         default="loss-scale",
         description="paths and trees estimators: weigh task j's path losses by its loss scale w_j "

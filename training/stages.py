@@ -268,14 +268,16 @@ def path_table(run: Run) -> torch.Tensor:
     """w_j T[j, p] on ``path_images`` images (training/paths.py), seeded by the run: from the
     calibration split where the config has one (images no stage trained on, so the table
     measures what a path costs on unseen images, not how well a stream fits its own training
-    set; docs/training.md, "The calibration split"), else from the training split.
+    set; docs/training.md, "The calibration split"), else, or with ``path_split =
+    "training"``, from the training split.
 
     With ``path_scale = "single-task"`` w_j = 1 / T[j, own path]: every task's loss counts in
     units of its own stream's, so the regularizer trades the same relative loss for sharing
     whatever the task's loss level (multidigits' training losses are ~0.005, scenes' ~0.5).
     """
+    on_calibration = run.config.edge.path_split == "calibration"
     batches = run.sample_batches(
-        "edge-paths", run.config.edge.path_images, PATH_CHUNK, calibration=True
+        "edge-paths", run.config.edge.path_images, PATH_CHUNK, calibration=on_calibration
     )
     table = path_losses(run.model.anchor.eval(), batches, run.tasks)
     if run.config.edge.path_scale == "single-task":

@@ -149,7 +149,8 @@ def _monotone(lines: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
 
 def table_split(run: Run) -> str:
     """The split the run's path table is measured on (:func:`training.stages.path_table`)."""
-    return "calibration" if run.calibration_set is not None else "training"
+    on_calibration = run.config.edge.path_split == "calibration"
+    return "calibration" if on_calibration and run.calibration_set is not None else "training"
 
 
 def table_key(run: Run, artifact: Path) -> dict[str, str]:
