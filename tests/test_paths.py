@@ -250,8 +250,7 @@ def test_the_path_table_reads_the_calibration_split_not_the_training_images(tmp_
 
 
 def test_path_split_training_reads_the_training_images_beside_a_calibration_split(tmp_path):
-    from training.stages import path_table
-    from training.treemap import table_split
+    from training.stages import path_table, table_split
 
     calibration = {"n": 4, "seed": 7}
     cal = _calibrated_run(tmp_path / "a", calibration)

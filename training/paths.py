@@ -104,6 +104,12 @@ def path_losses(
     return (sums / max(count, 1)).float()
 
 
+def loss_scaled(table: Tensor, tasks: Sequence[TaskSpec]) -> Tensor:
+    """w_j T[j, p]: each task's path losses times its loss scale (App. G)."""
+    scales = torch.tensor([t.loss_scale for t in tasks], dtype=table.dtype, device=table.device)
+    return table * scales.unsqueeze(1)
+
+
 def own_path_losses(table: Tensor) -> Tensor:
     """T[j, (j, .., j)]: each task's loss on its own stream (the anchor's single-task net)."""
     n, n_paths = table.shape

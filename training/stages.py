@@ -32,7 +32,13 @@ from .branching import (
 )
 from .config import EdgeStage
 from .loop import freeze, task_stats, train_stage
-from .paths import batched_regularizer, expected_task_losses, own_path_losses, path_losses
+from .paths import (
+    batched_regularizer,
+    expected_task_losses,
+    loss_scaled,
+    own_path_losses,
+    path_losses,
+)
 from .run import Run, step_generator
 from .selection import StreamSelector
 from .tasks import weighted_task_loss
@@ -263,6 +269,13 @@ def stage_edge(run: Run, start: int, opt_state: Any = None) -> None:
     train_stage(run, "edge", model.edge_hypernet, cfg, start, opt_state, loss_fn, cfg.lr_at)
 
 
+def table_split(run: Run) -> str:
+    """The split the run's path table is read on: the calibration split where the config has
+    one and ``path_split`` names it, else the training split."""
+    on_calibration = run.config.edge.path_split == "calibration"
+    return "calibration" if on_calibration and run.calibration_set is not None else "training"
+
+
 @torch.no_grad()
 def path_table(run: Run) -> torch.Tensor:
     """w_j T[j, p] on ``path_images`` images (training/paths.py), seeded by the run: from the
@@ -275,15 +288,14 @@ def path_table(run: Run) -> torch.Tensor:
     units of its own stream's, so the regularizer trades the same relative loss for sharing
     whatever the task's loss level (multidigits' training losses are ~0.005, scenes' ~0.5).
     """
-    on_calibration = run.config.edge.path_split == "calibration"
+    on_calibration = table_split(run) == "calibration"
     batches = run.sample_batches(
         "edge-paths", run.config.edge.path_images, PATH_CHUNK, calibration=on_calibration
     )
     table = path_losses(run.model.anchor.eval(), batches, run.tasks)
     if run.config.edge.path_scale == "single-task":
         return (table / own_path_losses(table).clamp_min(1e-12).unsqueeze(1)).to(run.device)
-    scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
-    return (table * scales.unsqueeze(1)).to(run.device)
+    return loss_scaled(table, run.tasks).to(run.device)
 
 
 @torch.no_grad()

@@ -45,9 +45,16 @@ from .config import TrainConfig
 from .data import collate, split_dataset
 from .evaluation.loop import marginal_grid
 from .evaluation.metrics import spearman
-from .paths import path_losses
+from .paths import loss_scaled, path_losses
 from .run import Run
-from .stages import PATH_CHUNK, EdgeObjective, applied_lambda_active, path_table, stage_affinity
+from .stages import (
+    PATH_CHUNK,
+    EdgeObjective,
+    applied_lambda_active,
+    path_table,
+    stage_affinity,
+    table_split,
+)
 from .trees import TreeTable
 
 #: Relative slack of the monotonicity check: table losses are floats summed over images.
@@ -147,12 +154,6 @@ def _monotone(lines: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
     return out
 
 
-def table_split(run: Run) -> str:
-    """The split the run's path table is measured on (:func:`training.stages.path_table`)."""
-    on_calibration = run.config.edge.path_split == "calibration"
-    return "calibration" if on_calibration and run.calibration_set is not None else "training"
-
-
 def table_key(run: Run, artifact: Path) -> dict[str, str]:
     """What a path table depends on: the streams (the artifact's manifest checksum), the images
     (data options, seed, split, count) and the scale (``path_scale``)."""
@@ -245,8 +246,7 @@ def judge_table(run: Run, options: dict[str, Any], images: int) -> tuple[torch.T
             yield {key: v.to(run.device) for key, v in batch.items()}
 
     table = path_losses(run.model.anchor.eval(), batches(), run.tasks)
-    scales = torch.tensor([t.loss_scale for t in run.tasks], dtype=table.dtype)
-    return (table * scales.unsqueeze(1)).to(run.device), k
+    return loss_scaled(table, run.tasks).to(run.device), k
 
 
 def tree_map_of(
