@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import Subset
 
 from dymu.architecture import Architecture
 from dymu.errors import ConfigError, validation_message
@@ -42,7 +43,8 @@ from dymu.preference import sample_preferences
 from dymu.store import read_manifest, resolve
 
 from .config import TrainConfig
-from .data import collate, split_dataset
+from .data import split_dataset
+from .evaluation.checks import batches
 from .evaluation.loop import marginal_grid
 from .evaluation.metrics import spearman
 from .paths import loss_scaled, path_losses
@@ -238,15 +240,12 @@ def judge_table(run: Run, options: dict[str, Any], images: int) -> tuple[torch.T
     other files), so no options name it here."""
     data_cfg = run.config.data.model_copy(update={"calibration_options": dict(options)})
     data = split_dataset(run.config.model_copy(update={"data": data_cfg}), calibration=True)
-    k = min(images, len(data))
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, k, PATH_CHUNK):
-            batch = collate([data[i] for i in range(start, min(start + PATH_CHUNK, k))])
-            yield {key: v.to(run.device) for key, v in batch.items()}
-
-    table = path_losses(run.model.anchor.eval(), batches(), run.tasks)
-    return loss_scaled(table, run.tasks).to(run.device), k
+    first = Subset(data, range(min(images, len(data))))
+    on_device = (
+        {key: v.to(run.device) for key, v in batch.items()} for batch in batches(first, PATH_CHUNK)
+    )
+    table = path_losses(run.model.anchor.eval(), on_device, run.tasks)
+    return loss_scaled(table, run.tasks).to(run.device), len(first)
 
 
 def tree_map_of(
